@@ -1,0 +1,40 @@
+# Everything a newcomer or CI needs: `make demo` and `make test` set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: setup test lint crd demo lock clean
+
+setup: $(STAMP)
+
+# torch first, pinned: pip then finds the CPU build configured on this machine instead of
+# resolving a newer release with several GB of CUDA packages.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[operator,trainer,dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+# Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
+crd: setup
+	$(VENV)/bin/finetune crd > crds/finetunejob.yaml
+
+demo: setup
+	$(VENV)/bin/finetune validate examples/*.yaml
+
+# Refreshes constraints.txt from the current environment.
+lock: setup
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | sed -E 's/^torch==2.13.0\+cpu/torch==2.13.0/'; } > constraints.lock.tmp
+	mv constraints.lock.tmp constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,240 @@
+"""Generates the FinetuneJob CustomResourceDefinition from the pydantic models in ``spec.py``.
+
+``python -m finetune_operator.crd > crds/finetunejob.yaml`` writes it; a test fails when the committed
+file differs. The walk covers exactly the Python types the spec uses and raises on anything else, so a
+new kind of field cannot silently produce a wrong schema.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from finetune_operator import GROUP, KIND, PLURAL, VERSION
+from finetune_operator.spec import CelRule, FinetuneJob, FinetuneJobSpec, FinetuneJobStatus
+
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["ml"]
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of the planned steps done",
+    },
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
+    {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.metrics.evalLoss"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _rule_schema(rule: CelRule) -> dict[str, str]:
+    entry = {"rule": rule.rule}
+    if rule.message:
+        entry["message"] = rule.message
+    if rule.message_expression:
+        entry["messageExpression"] = rule.message_expression
+    if rule.field_path:
+        entry["fieldPath"] = rule.field_path
+    if rule.reason:
+        entry["reason"] = rule.reason
+    return entry
+
+
+def _apply_constraints(schema: dict[str, Any], constraints: list[Any]) -> None:
+    """Maps pydantic/annotated-types constraints onto OpenAPI v3 keywords for the schema's type."""
+    length_keys = {
+        "string": ("minLength", "maxLength"),
+        "array": ("minItems", "maxItems"),
+        "object": ("minProperties", "maxProperties"),
+    }
+    for constraint in constraints:
+        if isinstance(constraint, annotated_types.Ge):
+            schema["minimum"] = constraint.ge
+        elif isinstance(constraint, annotated_types.Gt):
+            schema["minimum"] = constraint.gt
+            schema["exclusiveMinimum"] = True
+        elif isinstance(constraint, annotated_types.Le):
+            schema["maximum"] = constraint.le
+        elif isinstance(constraint, annotated_types.Lt):
+            schema["maximum"] = constraint.lt
+            schema["exclusiveMaximum"] = True
+        elif isinstance(constraint, (annotated_types.MinLen, annotated_types.MaxLen)):
+            min_key, max_key = length_keys[schema["type"]]
+            if isinstance(constraint, annotated_types.MinLen):
+                schema[min_key] = constraint.min_length
+            else:
+                schema[max_key] = constraint.max_length
+        elif getattr(constraint, "pattern", None) is not None:
+            schema["pattern"] = constraint.pattern
+        else:
+            raise TypeError(f"no CRD mapping for constraint {constraint!r}")
+
+
+def _type_schema(annotation: Any) -> dict[str, Any]:
+    """The schema of one Python type, with constraints from ``Annotated`` metadata."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *extras = get_args(annotation)
+        schema = _type_schema(base)
+        constraints: list[Any] = []
+        for extra in extras:
+            if isinstance(extra, FieldInfo):
+                if isinstance(extra.json_schema_extra, dict):
+                    schema.update(extra.json_schema_extra)
+                constraints.extend(extra.metadata)
+            else:
+                constraints.append(extra)
+        _apply_constraints(schema, constraints)
+        return schema
+    if origin in (Union, types.UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return _type_schema(members[0])
+        member_schemas = [_type_schema(member) for member in members]
+        if sorted(schema["type"] for schema in member_schemas) == ["integer", "string"]:
+            # A Kubernetes int-or-string: each member's constraints apply to values of its own type.
+            schema = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+            for member_schema in member_schemas:
+                schema.update({k: v for k, v in member_schema.items() if k != "type"})
+            return schema
+        raise TypeError(f"no CRD mapping for union {annotation!r}")
+    if origin is Literal:
+        values = list(get_args(annotation))
+        return {"type": "string", "enum": values}
+    if origin is list:
+        (item,) = get_args(annotation)
+        return {"type": "array", "items": _type_schema(item)}
+    if origin is dict:
+        key, value = get_args(annotation)
+        if key is not str:
+            raise TypeError(f"map keys must be strings: {annotation!r}")
+        if value is Any:
+            return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        return {"type": "object", "additionalProperties": _type_schema(value)}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return model_schema(annotation)
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if annotation in simple:
+        return {"type": simple[annotation]}
+    raise TypeError(f"no CRD mapping for {annotation!r}")
+
+
+def _crd_default(field: FieldInfo) -> Any:
+    """The default the API server should apply, or PydanticUndefined for none.
+
+    Nested objects default to ``{}`` so that the API server fills in their own defaults; empty maps
+    and lists and ``None`` need no default.
+    """
+    if field.default_factory is not None:
+        value = field.default_factory()  # type: ignore[call-arg]
+        return {} if isinstance(value, BaseModel) else PydanticUndefined
+    if field.default is None:
+        return PydanticUndefined
+    return field.default
+
+
+def field_schema(field: FieldInfo) -> dict[str, Any]:
+    annotation = field.annotation
+    schema = _type_schema(Annotated[annotation, field]) if field.metadata else _type_schema(annotation)
+    if not field.description:
+        raise ValueError(f"field {field.alias} has no description: every CRD field must explain itself")
+    schema.pop("description", None)  # the field's own words win over its model's docstring
+    schema = {"description": field.description, **schema}
+    default = _crd_default(field)
+    if default is not PydanticUndefined:
+        schema["default"] = default
+    return schema
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """An object schema for a model: its fields, required list, description and CEL rules."""
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        properties[key] = field_schema(field)
+        if field.is_required():
+            required.append(key)
+    schema: dict[str, Any] = {"type": "object"}
+    if model.__doc__:
+        schema["description"] = " ".join(model.__doc__.split())
+    schema["properties"] = properties
+    if required:
+        schema["required"] = required
+    rules = getattr(model, "__cel_rules__", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [_rule_schema(rule) for rule in rules]
+    return schema
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The root schema of a FinetuneJob object."""
+    status = model_schema(FinetuneJobStatus)
+    return {
+        "type": "object",
+        "description": " ".join((FinetuneJob.__doc__ or "").split()),
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version: finetune.dev/v1alpha1."},
+            "kind": {"type": "string", "description": "Kind: FinetuneJob."},
+            "metadata": {"type": "object"},
+            "spec": model_schema(FinetuneJobSpec),
+            "status": status,
+        },
+        "x-kubernetes-validations": [_rule_schema(rule) for rule in FinetuneJob.__cel_rules__],
+    }
+
+
+def custom_resource_definition() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated from finetune_operator/spec.py by `make crd`. Do not edit by hand.\n"
+
+
+def render_crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(custom_resource_definition(), sort_keys=False, width=100)
+
+
+def main() -> None:
+    sys.stdout.write(render_crd_yaml())
+
+
+if __name__ == "__main__":
+    main()

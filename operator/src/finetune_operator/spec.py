@@ -1,0 +1,582 @@
+"""The FinetuneJob API: the one source of truth for the CRD schema, its defaults and its rules.
+
+``crd.py`` turns these models into ``crds/finetunejob.yaml``; ``validation.py`` checks manifests with
+the same models plus the CEL rules declared here (``__cel_rules__``), which the API server runs too.
+Field names are the public API: they are camelCase aliases of the Python attribute names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+from finetune_trainer.config import (
+    FORMAT_COLUMNS,
+    S3_DATA_FILE_PATTERN,
+    S3_PREFIX_PATTERN,
+    DatasetFormat,
+    LrScheduler,
+    MethodType,
+    Offload,
+    Precision,
+    S3DataFile,
+    S3Prefix,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from finetune_operator import API_VERSION, KIND
+from finetune_operator.naming import MAX_JOB_NAME_LENGTH, MAX_NODES
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """One ``x-kubernetes-validations`` entry. ``rule`` refers to ``oldSelf`` for transition rules."""
+
+    rule: str
+    message: str = ""
+    message_expression: str = ""
+    field_path: str = ""
+    reason: str = ""
+
+    @property
+    def is_transition_rule(self) -> bool:
+        return "oldSelf" in self.rule
+
+
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_1123_SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
+# A Kubernetes resource quantity ("32", "500m", "512Gi", "1.5").
+QUANTITY = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[munkMGTPE]|[KMGTPE]i)?$"
+HTTP_URL_OR_EMPTY = r"^(https?://[^\s/]+(/\S*)?)?$"
+REGION_OR_EMPTY = r"^([a-z0-9][a-z0-9-]{0,62})?$"
+NO_WHITESPACE = r"^\S*$"
+
+# What each pattern allows, in words, for error messages (the CRD carries the patterns themselves).
+PATTERN_HINTS: dict[str, str] = {}
+
+
+def _hint(pattern: str, words: str) -> str:
+    PATTERN_HINTS[pattern] = words
+    return pattern
+
+
+_hint(
+    S3_PREFIX_PATTERN,
+    "an S3 location s3://<bucket>/<prefix> (bucket: 3-63 lowercase letters, digits, '.', '-')",
+)
+_hint(S3_DATA_FILE_PATTERN, "an S3 object s3://<bucket>/<key> whose key ends in .jsonl or .parquet")
+_hint(DNS_1123_SUBDOMAIN_OR_EMPTY, "empty, or a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')")
+_hint(QUANTITY, "a Kubernetes quantity such as 32, 500m or 512Gi")
+_hint(HTTP_URL_OR_EMPTY, "empty, or an http:// or https:// URL such as http://minio.storage:9000")
+_hint(REGION_OR_EMPTY, "empty, or a region name such as us-east-1")
+_hint(NO_WHITESPACE, "an image reference without whitespace")
+
+Quantity = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+DnsSubdomainOrEmpty = Annotated[str, Field(pattern=DNS_1123_SUBDOMAIN_OR_EMPTY, max_length=253)]
+ShortName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class SpecModel(BaseModel):
+    """Strict like the API server: no type coercion, no unknown fields, camelCase names."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, alias_generator=to_camel, validate_by_name=False)
+    __cel_rules__: ClassVar[tuple[CelRule, ...]] = ()
+
+
+def _immutable(field: str) -> CelRule:
+    return CelRule(
+        rule="self == oldSelf",
+        message=f"spec.{field} is immutable once the job is created; create a new FinetuneJob instead",
+    )
+
+
+class ModelSpec(SpecModel):
+    """The base model to fine-tune."""
+
+    __cel_rules__ = (_immutable("model"),)
+
+    uri: S3Prefix = Field(
+        description="S3 location of the base model: a directory in Hugging Face format (config.json, "
+        "tokenizer files and safetensors weights), e.g. s3://models/llama-3.1-8b/."
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the model directory's own Python code to run (transformers trust_remote_code). "
+        "Only for models whose code you have reviewed.",
+    )
+
+
+def _columns_rule() -> CelRule:
+    by_format = " : ".join(
+        f"self.format == '{fmt}' ? k in {list(cols)!r}" for fmt, cols in FORMAT_COLUMNS.items()
+    )
+    allowed = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
+    return CelRule(
+        rule=f"!has(self.columns) || self.columns.all(k, {by_format} : false)",
+        message=f"spec.dataset.columns may only rename the columns the format reads ({allowed})",
+        field_path=".columns",
+    )
+
+
+class DatasetSpec(SpecModel):
+    """Training (and optional evaluation) data and how to turn it into token sequences."""
+
+    __cel_rules__ = (
+        _immutable("dataset"),
+        CelRule(
+            rule="!(has(self.eval) && has(self.evalSplit))",
+            message="spec.dataset.eval and spec.dataset.evalSplit are mutually exclusive: give an "
+            "evaluation file or a fraction of the training data, not both",
+            field_path=".evalSplit",
+        ),
+        _columns_rule(),
+    )
+
+    train: S3DataFile = Field(
+        description="S3 object with the training data, JSON Lines (.jsonl) or Parquet (.parquet)."
+    )
+    eval: S3DataFile | None = Field(
+        default=None,
+        description="S3 object with evaluation data in the same format as train. Mutually exclusive with "
+        "evalSplit.",
+    )
+    eval_split: Annotated[float, Field(gt=0, le=0.5)] | None = Field(
+        default=None,
+        description="Fraction of the training rows held out for evaluation (seeded, 0 < x <= 0.5). "
+        "Mutually exclusive with eval.",
+    )
+    format: DatasetFormat = Field(
+        default="chat",
+        description="Row format. chat: a messages list of {role, content}; instruction: instruction, "
+        "input and output (alpaca); completion: text; classification: text and label.",
+    )
+    columns: dict[str, Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="Renames from the format's column names to the names in your data, e.g. "
+        "{messages: conversations}.",
+    )
+    max_seq_length: Annotated[int, Field(ge=16, le=1_048_576)] = Field(
+        default=2048, description="Longest token sequence; longer examples are truncated."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several short examples into each sequence of maxSeqLength tokens (faster on "
+        "short data; attention stays within each example).",
+    )
+
+
+class LoraSpec(SpecModel):
+    """Low-rank adapter settings (peft LoraConfig)."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = Field(default=16, description="Rank of the adapter matrices.")
+    alpha: Annotated[float, Field(gt=0, le=4096)] = Field(
+        default=32, description="Scaling numerator: the update is scaled by alpha / r."
+    )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.05, description="Dropout on the adapter input (0 <= dropout < 1)."
+    )
+    target_modules: list[ShortName] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Module names to adapt, e.g. [q_proj, v_proj]. Empty: every linear projection "
+        "except the output head.",
+    )
+
+
+class FreezeSpec(SpecModel):
+    """Partial fine-tuning: everything is frozen except the top blocks, the final norm and the head."""
+
+    trainable_layers: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=2, description="Number of top transformer blocks that train."
+    )
+
+
+class MethodSpec(SpecModel):
+    """Which parameters train."""
+
+    __cel_rules__ = (
+        _immutable("method"),
+        CelRule(
+            rule="!has(self.lora) || self.type in ['lora', 'qlora']",
+            message="spec.method.lora is only allowed when spec.method.type is lora or qlora",
+            field_path=".lora",
+        ),
+        CelRule(
+            rule="!has(self.freeze) || self.type == 'freeze'",
+            message="spec.method.freeze is only allowed when spec.method.type is freeze",
+            field_path=".freeze",
+        ),
+    )
+
+    type: MethodType = Field(
+        default="lora",
+        description="full: every weight trains. lora: low-rank adapters (peft). qlora: lora on a 4-bit "
+        "quantized base (bitsandbytes, needs GPUs). freeze: only the top blocks and the head train.",
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="LoRA settings; only with type lora or qlora (defaults apply when omitted)."
+    )
+    freeze: FreezeSpec | None = Field(
+        default=None, description="Freeze settings; only with type freeze (defaults apply when omitted)."
+    )
+
+
+class EarlyStoppingSpec(SpecModel):
+    """Stop when the evaluation loss has not improved for a while."""
+
+    patience: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=3, description="Evaluations without an improvement of the eval loss before training stops."
+    )
+
+
+class HyperparametersSpec(SpecModel):
+    """Optimisation settings. Training length is epochs or maxSteps (neither: 1 epoch)."""
+
+    __cel_rules__ = (
+        CelRule(
+            rule="!(has(self.epochs) && has(self.maxSteps))",
+            message="spec.hyperparameters.epochs and spec.hyperparameters.maxSteps are mutually exclusive",
+            field_path=".maxSteps",
+        ),
+    )
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None, description="Passes over the training data. Mutually exclusive with maxSteps."
+    )
+    max_steps: Annotated[int, Field(ge=1, le=100_000_000)] | None = Field(
+        default=None, description="Optimizer steps to train for. Mutually exclusive with epochs."
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=2.0e-4, description="Peak learning rate (0 < lr <= 1)."
+    )
+    batch_size_per_device: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=4, description="Sequences per device per micro-step."
+    )
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=1,
+        description="Micro-steps per optimizer step. Global batch = batchSizePerDevice x "
+        "gradientAccumulationSteps x nodes x GPUs per node.",
+    )
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.03, description="Fraction of the steps spent warming the learning rate up from 0."
+    )
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = Field(default=0.0, description="AdamW weight decay.")
+    lr_scheduler: LrScheduler = Field(default="cosine", description="Learning-rate decay after warmup.")
+    precision: Precision = Field(
+        default="bf16", description="Training precision: bf16 (Ampere and newer GPUs), fp16 or fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        default=True,
+        description="Recompute activations in the backward pass: less memory, ~30% more compute.",
+    )
+    seed: Annotated[int, Field(ge=0, le=4_294_967_295)] = Field(
+        default=42, description="Seed for weight init of adapters, data order and the evaluation split."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop early on the eval loss; needs dataset.eval or dataset.evalSplit."
+    )
+
+
+class DeepSpeedSpec(SpecModel):
+    """DeepSpeed ZeRO settings; the trainer generates the rest of the DeepSpeed configuration."""
+
+    __cel_rules__ = (
+        CelRule(
+            rule="self.offload == 'none' || self.zeroStage >= 1",
+            message="spec.deepspeed.offload cpu needs spec.deepspeed.zeroStage 1, 2 or 3",
+            field_path=".offload",
+        ),
+    )
+
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = Field(
+        default=2,
+        description="ZeRO stage: 0 data parallel, 1 shards optimizer state, 2 also gradients, 3 also "
+        "parameters.",
+    )
+    offload: Offload = Field(
+        default="none", description="Offload optimizer state (and parameters at stage 3) to CPU memory."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Raw DeepSpeed configuration keys merged last over the generated configuration, "
+        "e.g. {zero_optimization: {overlap_comm: true}}.",
+    )
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: Annotated[str, Field(max_length=316)] = Field(
+        default="", description="Taint key; empty matches all."
+    )
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: Annotated[str, Field(max_length=63)] = Field(default="", description="Taint value for Equal.")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
+        default="", description="Taint effect to tolerate; empty matches all effects."
+    )
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class ResourcesSpec(SpecModel):
+    """The gang: how many nodes, what each worker pod asks for and where it may run."""
+
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = Field(
+        default=1, description="Worker pods, one per node; each runs gpusPerNode training processes."
+    )
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = Field(
+        default=1,
+        description="nvidia.com/gpu per worker pod and training processes per node. 0 trains on CPU "
+        "with one process per node.",
+    )
+    cpu: Quantity | None = Field(default=None, description='CPU request per worker pod, e.g. "32".')
+    memory: Quantity | None = Field(default=None, description="Memory request per worker pod, e.g. 512Gi.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=64, description="Node labels the worker pods require."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Taints the worker pods tolerate."
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=3,
+        description="Pod affinity rules (core/v1 Affinity: nodeAffinity, podAffinity, podAntiAffinity).",
+    )
+    priority_class_name: DnsSubdomainOrEmpty = Field(default="", description="PriorityClass of the workers.")
+    scheduler_name: DnsSubdomainOrEmpty = Field(
+        default="",
+        description="Scheduler for the workers, e.g. volcano or a coscheduling plugin for gang scheduling.",
+    )
+    service_account_name: DnsSubdomainOrEmpty = Field(
+        default="",
+        description="ServiceAccount of the workers, e.g. one bound to a cloud role for S3 (workload "
+        "identity). The workers need no Kubernetes permissions.",
+    )
+
+
+class StorageSpec(SpecModel):
+    """The S3-compatible object store holding the model, data and outputs."""
+
+    endpoint: Annotated[str, Field(pattern=HTTP_URL_OR_EMPTY, max_length=512)] = Field(
+        default="", description="S3 endpoint URL for MinIO, Ceph or any S3-compatible store; empty: AWS S3."
+    )
+    region: Annotated[str, Field(pattern=REGION_OR_EMPTY, max_length=63)] = Field(
+        default="", description="S3 region; empty: the environment's default."
+    )
+    credentials_secret: DnsSubdomainOrEmpty = Field(
+        default="",
+        description="Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+        "optionally AWS_SESSION_TOKEN). Empty: workload identity (e.g. IRSA via serviceAccountName).",
+    )
+
+
+class OutputSpec(SpecModel):
+    """Where checkpoints and the fine-tuned model go."""
+
+    uri: S3Prefix = Field(
+        description="S3 prefix for checkpoints/, model/, metrics.json, config.json and README.md."
+    )
+    checkpoint_every_steps: Annotated[int, Field(ge=1)] = Field(
+        default=500, description="Optimizer steps between checkpoints."
+    )
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=3, description="Newest complete checkpoints kept in S3; older ones are deleted."
+    )
+    save_merged: bool = Field(
+        default=False,
+        description="For lora and qlora: also write the adapter merged into full weights to model/merged/.",
+    )
+
+
+class EvaluationSpec(SpecModel):
+    """When evaluation runs (it needs dataset.eval or dataset.evalSplit)."""
+
+    every_steps: Annotated[int, Field(ge=1)] = Field(
+        default=200, description="Optimizer steps between evaluations; one also runs at the end."
+    )
+
+
+class RunPolicySpec(SpecModel):
+    """Retries, time limits, clean-up and suspension."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=3, description="Gang restarts after worker failures before the job is Failed."
+    )
+    active_deadline_seconds: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Seconds the job may run before it fails with DeadlineExceeded; 0: no limit."
+    )
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Seconds after Succeeded or Failed before the job's pods, Service and ConfigMap are "
+        "deleted (the FinetuneJob and its status stay); 0: keep them.",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="true deletes the workers and keeps everything in S3; false resumes from the newest "
+        "complete checkpoint. Queueing systems such as Kueue set this.",
+    )
+
+
+class FinetuneJobSpec(SpecModel):
+    """What to fine-tune, how, on what hardware and where the results go."""
+
+    __cel_rules__ = (
+        CelRule(
+            rule="!has(self.hyperparameters.earlyStopping) || has(self.dataset.eval) || "
+            "has(self.dataset.evalSplit)",
+            message="spec.hyperparameters.earlyStopping needs evaluation data: set spec.dataset.eval or "
+            "spec.dataset.evalSplit",
+            field_path=".hyperparameters.earlyStopping",
+        ),
+        CelRule(
+            rule="self.method.type != 'qlora' || self.resources.gpusPerNode >= 1",
+            message="spec.method.type qlora needs GPUs: set spec.resources.gpusPerNode to 1 or more",
+            field_path=".resources.gpusPerNode",
+        ),
+        CelRule(
+            rule="!self.output.saveMerged || self.method.type in ['lora', 'qlora']",
+            message="spec.output.saveMerged only applies to spec.method.type lora or qlora",
+            field_path=".output.saveMerged",
+        ),
+        CelRule(
+            rule="oldSelf.runPolicy.suspend || self.resources == oldSelf.resources",
+            message="spec.resources can only change while the job is suspended (spec.runPolicy.suspend: true)",
+            field_path=".resources",
+        ),
+    )
+
+    image: Annotated[str, Field(pattern=NO_WHITESPACE, max_length=512)] = Field(
+        default="", description="Trainer image; empty: the operator's configured default."
+    )
+    model: ModelSpec = Field(description="The base model to fine-tune.")
+    dataset: DatasetSpec = Field(description="Training and evaluation data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Which parameters train.")
+    hyperparameters: HyperparametersSpec = Field(
+        default_factory=HyperparametersSpec, description="Optimisation settings."
+    )
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Nodes, GPUs and pod placement of the workers."
+    )
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="The S3-compatible store.")
+    output: OutputSpec = Field(description="Where checkpoints and the fine-tuned model go.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="When evaluation runs.")
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Retries, time limits, clean-up and suspension."
+    )
+
+
+Phase = Literal["Pending", "Initializing", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class StatusModel(BaseModel):
+    """Status is written by the operator; unknown keys are kept rather than rejected."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=True)
+
+
+class Condition(StatusModel):
+    """A Kubernetes-style condition (metav1.Condition)."""
+
+    type: str = Field(description="Condition type, e.g. Ready, Succeeded, Failed, Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        default="", description="CamelCase reason, e.g. Unschedulable or BackoffLimitExceeded."
+    )
+    message: str = Field(default="", description="Human-readable details.")
+    last_transition_time: str = Field(default="", description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The generation this reflects.")
+
+
+class WorkersStatus(StatusModel):
+    """Worker pods of the current attempt."""
+
+    total: int = Field(default=0, description="Worker pods the job needs.")
+    ready: int = Field(default=0, description="Worker pods running.")
+
+
+class ProgressStatus(StatusModel):
+    """Training progress reported by global rank 0."""
+
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, description="Optimizer steps planned.")
+    epoch: float = Field(default=0, description="Epochs done (fractional).")
+    percent: int = Field(default=0, description="step / totalSteps, in percent.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput, all ranks.")
+
+
+class CheckpointStatus(StatusModel):
+    """A complete checkpoint in S3."""
+
+    step: int = Field(description="Optimizer step of the checkpoint.")
+    uri: str = Field(description="S3 prefix of the checkpoint.")
+    eval_loss: float | None = Field(default=None, description="Eval loss at that step, when evaluated.")
+    time: str = Field(default="", description="When it was completed (RFC 3339).")
+
+
+class FinetuneJobStatus(StatusModel):
+    """What the operator observed; written only by the operator."""
+
+    phase: Phase | None = Field(default=None, description="Lifecycle phase of the job.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+    conditions: list[Condition] = Field(default_factory=list, description="Current conditions.")
+    start_time: str | None = Field(default=None, description="When the first worker started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    restarts: int = Field(default=0, description="Gang restarts after worker failures.")
+    workers: WorkersStatus | None = Field(default=None, description="Worker pods of the current attempt.")
+    progress: ProgressStatus | None = Field(default=None, description="Training progress.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Latest metrics: trainLoss, evalLoss, perplexity, tokenAccuracy; classification adds "
+        "accuracy, precision, recall and f1.",
+    )
+    checkpoints: list[CheckpointStatus] = Field(default_factory=list, description="Complete checkpoints.")
+    output_model: str = Field(default="", description="S3 location of the fine-tuned model once Succeeded.")
+    message: str = Field(default="", description="Why the job is in its phase, for people.")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata a manifest sets; the API server validates the rest itself."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str | None = None
+    generate_name: str | None = Field(default=None, alias="generateName")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+_NAME_RULES = (
+    CelRule(
+        rule=f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_1035_LABEL}')",
+        message_expression="'metadata.name \"' + self.metadata.name + '\" must be a DNS-1035 label: "
+        "lowercase letters, digits and \\'-\\', starting with a letter and ending with a letter or digit'",
+    ),
+    CelRule(
+        rule=f"!has(self.metadata.name) || size(self.metadata.name) <= {MAX_JOB_NAME_LENGTH}",
+        message_expression="'metadata.name \"' + self.metadata.name + '\" is ' + "
+        "string(size(self.metadata.name)) + ' characters; at most "
+        f"{MAX_JOB_NAME_LENGTH} are allowed so that the names of its worker pods stay within 63'",
+    ),
+)
+
+
+class FinetuneJob(BaseModel):
+    """A fine-tuning run, as users write it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    __cel_rules__: ClassVar[tuple[CelRule, ...]] = _NAME_RULES
+
+    api_version: Literal[API_VERSION] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal[KIND] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FinetuneJobSpec
+    status: dict[str, Any] | None = Field(
+        default=None, description="Written by the operator; ignored in manifests."
+    )

@@ -1,0 +1,284 @@
+"""Checks FinetuneJob manifests with the same model and rules the CRD enforces at admission.
+
+Structure, types, bounds, enums, patterns and unknown fields come from the pydantic models in
+``spec.py``; cross-field rules are the CRD's own CEL rules, evaluated by ``cel.py``. Every problem is
+reported with its field path in kubectl's dotted form, the value found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune_operator import GROUP, KIND
+from finetune_operator.cel import evaluate_rules
+from finetune_operator.crd import openapi_schema
+from finetune_operator.spec import PATTERN_HINTS, FinetuneJob
+
+_ABSENT = object()
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+}
+
+
+@dataclass(frozen=True)
+class ValidationIssue:
+    """One problem: where (kubectl's dotted path), the value found (if any) and what is allowed."""
+
+    path: str
+    message: str
+    value: Any = _ABSENT
+
+    def __str__(self) -> str:
+        where = self.path or "(document)"
+        if self.value is _ABSENT:
+            return f"{where}: {self.message}"
+        return f"{where}: got {_show(self.value)}; {self.message}"
+
+
+@dataclass
+class DocumentReport:
+    """The outcome for one YAML document of a file."""
+
+    source: str
+    index: int
+    name: str | None = None
+    issues: list[ValidationIssue] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def label(self) -> str:
+        named = f' ({KIND} "{self.name}")' if self.name else ""
+        return f"{self.source}: document {self.index}{named}"
+
+
+class InvalidManifestError(ValueError):
+    """Raised by :func:`parse_finetune_job`; ``issues`` lists every problem."""
+
+    def __init__(self, issues: list[ValidationIssue]) -> None:
+        self.issues = issues
+        super().__init__("; ".join(str(issue) for issue in issues))
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dotted(path: tuple[str | int, ...]) -> str:
+    """kubectl's form: spec.resources.tolerations[0].effect."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _real_path(loc: tuple[Any, ...], document: Any) -> tuple[tuple[str | int, ...], Any]:
+    """Drops pydantic's union-branch tags from an error location and finds the value there."""
+    path: list[str | int] = []
+    current: Any = document
+    for part in loc:
+        if isinstance(current, dict) and isinstance(part, str):
+            path.append(part)
+            current = current.get(part, _ABSENT)
+        elif isinstance(current, list) and isinstance(part, int):
+            path.append(part)
+            current = current[part] if part < len(current) else _ABSENT
+        elif current is _ABSENT and isinstance(part, str):
+            path.append(part)
+        else:
+            break  # a tag such as "constrained-str": the rest names a union branch, not a field
+    return tuple(path), current
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``LoraSpec | None`` or ``list[Toleration]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType, list, dict):
+        for arg in get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _allowed_fields(path: tuple[str | int, ...]) -> list[str]:
+    """Field names the model accepts at the object that holds ``path``'s last element."""
+    model: type[BaseModel] | None = FinetuneJob
+    for part in path[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        model = _model_of(fields[part].annotation) if part in fields else None
+    if model is None:
+        return []
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _message(error: dict[str, Any], path: tuple[str | int, ...]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(path)
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        return f"unknown field{hint}; the fields allowed here are: {', '.join(allowed)}"
+    if kind == "literal_error":
+        return f"must be one of {error['ctx']['expected']}"
+    if kind == "string_pattern_mismatch":
+        pattern = error["ctx"]["pattern"]
+        return f"must be {PATTERN_HINTS.get(pattern, f'a string matching {pattern}')}"
+    if kind in _TYPE_WORDS:
+        return f"must be {_TYPE_WORDS[kind]}"
+    return error["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+
+
+def _structural_issues(error: ValidationError, document: Any) -> list[ValidationIssue]:
+    """One issue per field; for int-or-string unions, the branch that matches the value's type."""
+    by_path: dict[tuple[str | int, ...], list[tuple[dict[str, Any], Any]]] = {}
+    for item in error.errors():
+        path, value = _real_path(item["loc"], document)
+        by_path.setdefault(path, []).append((dict(item), value))
+    issues = []
+    for path, errors in by_path.items():
+        specific = [(e, v) for e, v in errors if e["type"] not in _TYPE_WORDS] or errors
+        if len(errors) > 1 and specific is errors:
+            words = " or ".join(_TYPE_WORDS[e["type"]] for e, _ in errors)
+            issues.append(ValidationIssue(dotted(path), f"must be {words}", errors[0][1]))
+            continue
+        first, value = specific[0]
+        issues.append(ValidationIssue(dotted(path), _message(first, path), value))
+    return issues
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    return openapi_schema()
+
+
+def _value_at(document: Any, path: tuple[str | int, ...]) -> Any:
+    current = document
+    for part in path:
+        try:
+            current = current[part]
+        except (KeyError, IndexError, TypeError):
+            return _ABSENT
+    return current
+
+
+def defaulted(job: FinetuneJob) -> dict[str, Any]:
+    """The object as the API server stores it: every default applied, absent optionals left out."""
+    return job.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def rule_issues(document: dict[str, Any], old: dict[str, Any] | None = None) -> list[ValidationIssue]:
+    """Violations of the CRD's CEL rules in a defaulted object (transition rules when ``old`` is given)."""
+    if old is None:
+        violations = evaluate_rules(_schema(), document)
+    else:
+        violations = evaluate_rules(_schema(), document, old)
+    # Rules on the whole object (metadata.name) name the field in their message; the value would be
+    # the whole manifest, so it is left out.
+    return [
+        ValidationIssue(dotted(v.path), v.message, _value_at(document, v.path) if v.path else _ABSENT)
+        for v in violations
+    ]
+
+
+def validate_object(document: Any) -> tuple[FinetuneJob | None, list[ValidationIssue]]:
+    """The parsed job and every problem in one manifest (a dict, as loaded from YAML or the API)."""
+    if not isinstance(document, dict):
+        return None, [
+            ValidationIssue("", "must be a mapping with apiVersion, kind, metadata and spec", document)
+        ]
+    try:
+        job = FinetuneJob.model_validate(document)
+    except ValidationError as error:
+        return None, _structural_issues(error, document)
+    issues = rule_issues(defaulted(job))
+    return (job if not issues else None), issues
+
+
+def parse_finetune_job(document: Any) -> FinetuneJob:
+    """The job, or :class:`InvalidManifestError` listing every problem."""
+    job, issues = validate_object(document)
+    if job is None:
+        raise InvalidManifestError(issues)
+    return job
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Rejects duplicate keys, which plain YAML loading would silently resolve to the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is None:
+        return f"YAML error: {problem}"
+    return f"YAML error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _is_finetune_job(document: dict[str, Any]) -> bool:
+    api_version = str(document.get("apiVersion", ""))
+    return document.get("kind") == KIND or api_version.split("/")[0] == GROUP
+
+
+def validate_text(text: str, source: str) -> list[DocumentReport]:
+    """Reports for every document of a (multi-document) YAML text."""
+    reports: list[DocumentReport] = []
+    loader = _StrictLoader(text)
+    reading = 1  # the number of the document being read, so that a syntax error names it
+    try:
+        while loader.check_data():
+            document = loader.get_data()
+            report = DocumentReport(source, reading)
+            reports.append(report)
+            reading += 1
+            if document is None:
+                report.skipped = "empty document"
+            elif isinstance(document, dict) and not _is_finetune_job(document):
+                report.skipped = f"not a {KIND} ({document.get('apiVersion')}, {document.get('kind')})"
+            else:
+                if isinstance(document, dict) and isinstance(document.get("metadata"), dict):
+                    metadata = document["metadata"]
+                    report.name = metadata.get("name") or metadata.get("generateName")
+                _, report.issues = validate_object(document)
+    except yaml.YAMLError as error:
+        reports.append(DocumentReport(source, reading, issues=[ValidationIssue("", _yaml_error(error))]))
+    finally:
+        loader.dispose()
+    if not reports:
+        reports.append(DocumentReport(source, 1, skipped="no documents"))
+    return reports

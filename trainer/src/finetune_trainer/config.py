@@ -1,0 +1,206 @@
+"""The worker contract: everything a trainer process needs, with every default already applied.
+
+The operator resolves a FinetuneJob into this model and writes it as JSON into the job's ConfigMap;
+``finetune run`` writes the same JSON for local ranks; the trainer reads it with
+:func:`load_trainer_config`. It imports nothing heavier than pydantic so that the operator (which has
+no torch) can build and validate it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+CONFIG_SCHEMA_VERSION = 1
+
+# An S3 bucket name (3-63 characters, lowercase letters, digits, '.' and '-') and an optional key.
+S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
+S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/.*)?$"
+S3_DATA_FILE_PATTERN = rf"^s3://{S3_BUCKET}/.+\.(jsonl|parquet)$"
+
+S3Prefix = Annotated[str, Field(pattern=S3_PREFIX_PATTERN, max_length=1024)]
+S3DataFile = Annotated[str, Field(pattern=S3_DATA_FILE_PATTERN, max_length=1024)]
+
+DatasetFormat = Literal["chat", "instruction", "completion", "classification"]
+MethodType = Literal["full", "lora", "qlora", "freeze"]
+LrScheduler = Literal["cosine", "linear", "constant"]
+Precision = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "cpu"]
+
+# The columns each dataset format reads, in its canonical names (``dataset.columns`` renames them).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "instruction": ("instruction", "input", "output"),
+    "completion": ("text",),
+    "classification": ("text", "label"),
+}
+
+# The port on global rank 0 that serves /progress and /metrics to the operator.
+PROGRESS_PORT = 29600
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+class ContractModel(BaseModel):
+    """Strict, immutable, camelCase JSON: the same spelling as the FinetuneJob fields it comes from."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, validate_by_name=True, validate_by_alias=True
+    )
+
+
+class JobIdentity(ContractModel):
+    name: str
+    namespace: str
+
+
+class ModelSource(ContractModel):
+    uri: S3Prefix
+    trust_remote_code: bool
+
+
+class DatasetConfig(ContractModel):
+    train: S3DataFile
+    eval: S3DataFile | None
+    eval_split: Annotated[float, Field(gt=0, le=0.5)] | None
+    format: DatasetFormat
+    columns: dict[str, str]
+    max_seq_length: Annotated[int, Field(ge=16)]
+    packing: bool
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DatasetConfig:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("eval and evalSplit are mutually exclusive")
+        return self
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval is not None or self.eval_split is not None
+
+
+class LoraConfig(ContractModel):
+    r: Annotated[int, Field(ge=1)]
+    alpha: Annotated[float, Field(gt=0)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    # "all-linear" (peft's spelling) when the user named no modules: every linear projection but the head.
+    target_modules: list[str] | Literal["all-linear"]
+
+
+class FreezeConfig(ContractModel):
+    trainable_layers: Annotated[int, Field(ge=1)]
+
+
+class MethodConfig(ContractModel):
+    type: MethodType
+    lora: LoraConfig | None
+    freeze: FreezeConfig | None
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> MethodConfig:
+        if (self.lora is not None) != (self.type in ("lora", "qlora")):
+            raise ValueError("lora settings are present exactly when the method is lora or qlora")
+        if (self.freeze is not None) != (self.type == "freeze"):
+            raise ValueError("freeze settings are present exactly when the method is freeze")
+        return self
+
+
+class HyperparametersConfig(ContractModel):
+    epochs: Annotated[int, Field(ge=1)] | None
+    max_steps: Annotated[int, Field(ge=1)] | None
+    learning_rate: Annotated[float, Field(gt=0, le=1)]
+    batch_size_per_device: Annotated[int, Field(ge=1)]
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)]
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    lr_scheduler: LrScheduler
+    precision: Precision
+    gradient_checkpointing: bool
+    gradient_clipping: Annotated[float, Field(ge=0)]
+    seed: Annotated[int, Field(ge=0)]
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None
+
+    @model_validator(mode="after")
+    def _exactly_one_length(self) -> HyperparametersConfig:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("exactly one of epochs and maxSteps is set")
+        return self
+
+
+class DeepSpeedSettings(ContractModel):
+    zero_stage: Annotated[int, Field(ge=0, le=3)]
+    offload: Offload
+    # Raw DeepSpeed configuration keys, merged last over the generated configuration.
+    overrides: dict[str, Any]
+
+
+class StorageConfig(ContractModel):
+    """Where S3 is; credentials never travel in the config (environment or workload identity)."""
+
+    endpoint: str | None
+    region: str | None
+
+
+class OutputConfig(ContractModel):
+    uri: S3Prefix
+    checkpoint_every_steps: Annotated[int, Field(ge=1)]
+    keep_checkpoints: Annotated[int, Field(ge=1)]
+    save_merged: bool
+
+
+class EvaluationConfig(ContractModel):
+    # None when the job has no evaluation data: then no evaluation runs.
+    every_steps: Annotated[int, Field(ge=1)] | None
+
+
+class DistributedConfig(ContractModel):
+    """The shape of the gang; the launcher passes ranks and the rendezvous address in the environment."""
+
+    nodes: Annotated[int, Field(ge=1)]
+    processes_per_node: Annotated[int, Field(ge=1)]
+    uses_gpus: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+
+class ReportingConfig(ContractModel):
+    progress_port: Annotated[int, Field(ge=1, le=65535)]
+    termination_message_path: str
+
+
+class TrainerConfig(ContractModel):
+    """The resolved configuration of one fine-tuning run."""
+
+    schema_version: Literal[1] = CONFIG_SCHEMA_VERSION
+    job: JobIdentity
+    model: ModelSource
+    dataset: DatasetConfig
+    method: MethodConfig
+    hyperparameters: HyperparametersConfig
+    deepspeed: DeepSpeedSettings
+    distributed: DistributedConfig
+    storage: StorageConfig
+    output: OutputConfig
+    evaluation: EvaluationConfig
+    reporting: ReportingConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainerConfig:
+        if self.method.type == "qlora" and not self.distributed.uses_gpus:
+            raise ValueError("qlora needs GPUs (4-bit bitsandbytes kernels have no CPU implementation)")
+        if self.hyperparameters.early_stopping_patience is not None and not self.dataset.has_eval:
+            raise ValueError("early stopping needs evaluation data (dataset.eval or dataset.evalSplit)")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
+
+
+def load_trainer_config(path: str | Path) -> TrainerConfig:
+    """Reads and validates the JSON the operator (or ``finetune run``) wrote."""
+    return TrainerConfig.model_validate(json.loads(Path(path).read_text()))
