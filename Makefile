@@ -26,7 +26,8 @@ test: setup lint
 
 # Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
 crd: setup
-	$(VENV)/bin/finetune crd > crds/finetunejob.yaml
+	$(PY) -m finetune_operator.crd > crds/finetunejob.yaml
+	$(PY) -m finetune_operator.crd reference > docs/reference.md
 
 demo: setup
 	$(VENV)/bin/finetune validate examples/*.yaml

@@ -7,6 +7,7 @@ new kind of field cannot silently produce a wrong schema.
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -232,8 +233,85 @@ def render_crd_yaml() -> str:
     return HEADER + yaml.safe_dump(custom_resource_definition(), sort_keys=False, width=100)
 
 
+def _constraints_text(schema: dict[str, Any]) -> str:
+    words = []
+    if "enum" in schema:
+        words.append("one of " + ", ".join(f"`{v}`" if v else '`""`' for v in schema["enum"]))
+    if "minimum" in schema:
+        words.append(("> " if schema.get("exclusiveMinimum") else ">= ") + str(schema["minimum"]))
+    if "maximum" in schema:
+        words.append(("< " if schema.get("exclusiveMaximum") else "<= ") + str(schema["maximum"]))
+    if "pattern" in schema:
+        words.append(f"matches `{schema['pattern']}`")
+    for key, word in (("maxLength", "characters"), ("maxItems", "items"), ("maxProperties", "entries")):
+        if key in schema:
+            words.append(f"at most {schema[key]} {word}")
+    return "; ".join(words)
+
+
+def _type_text(schema: dict[str, Any]) -> str:
+    if schema.get("x-kubernetes-int-or-string"):
+        return "quantity"
+    if schema.get("type") == "array":
+        return f"list of {_type_text(schema['items'])}"
+    if schema.get("type") == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"map of {_type_text(schema['additionalProperties'])}"
+    return str(schema.get("type"))
+
+
+def _reference_rows(schema: dict[str, Any], path: str) -> list[str]:
+    rows = []
+    required = set(schema.get("required", []))
+    for key, child in schema.get("properties", {}).items():
+        child_path = f"{path}.{key}"
+        default = (
+            "required" if key in required else json.dumps(child["default"]) if "default" in child else ""
+        )
+        cells = [
+            f"`{child_path}`",
+            _type_text(child),
+            default,
+            _constraints_text(child),
+            child["description"],
+        ]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        item_schema = child.get("items", {})
+        rows += _reference_rows(child, child_path) + _reference_rows(item_schema, f"{child_path}[]")
+    return rows
+
+
+def _rules_text(schema: dict[str, Any], path: str) -> list[str]:
+    lines = [
+        f"- `{path or 'FinetuneJob'}`: {rule['message']} (`{rule['rule']}`)"
+        for rule in schema.get("x-kubernetes-validations", [])
+    ]
+    for key, child in schema.get("properties", {}).items():
+        lines += _rules_text(child, f"{path}.{key}" if path else key)
+    return lines
+
+
+def render_reference_markdown() -> str:
+    """docs/reference.md: every field with its type, default, bounds and description, and every rule."""
+    root = openapi_schema()
+    lines = [
+        "<!-- Generated from finetune_operator/spec.py by `make crd`. Do not edit by hand. -->",
+        "# FinetuneJob field reference",
+        "",
+        "| Field | Type | Default | Allowed | Description |",
+        "| --- | --- | --- | --- | --- |",
+        *_reference_rows(root["properties"]["spec"], "spec"),
+        "",
+        "## Cross-field rules (CEL, enforced by the API server and by `finetune validate`)",
+        "",
+        *_rules_text(root, ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    sys.stdout.write(render_crd_yaml())
+    target = sys.argv[1] if len(sys.argv) > 1 else "crd"
+    sys.stdout.write(render_reference_markdown() if target == "reference" else render_crd_yaml())
 
 
 if __name__ == "__main__":

@@ -444,7 +444,8 @@ class FinetuneJobSpec(SpecModel):
         ),
         CelRule(
             rule="oldSelf.runPolicy.suspend || self.resources == oldSelf.resources",
-            message="spec.resources can only change while the job is suspended (spec.runPolicy.suspend: true)",
+            message="spec.resources can only change while the job is suspended "
+            "(spec.runPolicy.suspend: true)",
             field_path=".resources",
         ),
     )
@@ -555,11 +556,15 @@ class ObjectMeta(BaseModel):
 _NAME_RULES = (
     CelRule(
         rule=f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_1035_LABEL}')",
+        message="metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with a "
+        "letter and ending with a letter or digit",
         message_expression="'metadata.name \"' + self.metadata.name + '\" must be a DNS-1035 label: "
         "lowercase letters, digits and \\'-\\', starting with a letter and ending with a letter or digit'",
     ),
     CelRule(
         rule=f"!has(self.metadata.name) || size(self.metadata.name) <= {MAX_JOB_NAME_LENGTH}",
+        message=f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters so that the names of its "
+        "worker pods stay within 63",
         message_expression="'metadata.name \"' + self.metadata.name + '\" is ' + "
         "string(size(self.metadata.name)) + ' characters; at most "
         f"{MAX_JOB_NAME_LENGTH} are allowed so that the names of its worker pods stay within 63'",

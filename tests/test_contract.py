@@ -1,0 +1,171 @@
+"""The worker contract: resolving a FinetuneJob into the trainer's configuration, and its boundaries."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from finetune_operator.resolve import resolve_trainer_config
+from finetune_operator.validation import defaulted, parse_finetune_job
+from finetune_trainer.config import TrainerConfig, load_trainer_config
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+BASE: dict[str, Any] = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FinetuneJob",
+    "metadata": {"name": "job", "namespace": "team"},
+    "spec": {
+        "model": {"uri": "s3://models/base/"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/job/"},
+    },
+}
+
+
+def _job(**spec_overrides: Any) -> dict[str, Any]:
+    manifest = copy.deepcopy(BASE)
+    for section, value in spec_overrides.items():
+        manifest["spec"][section] = {**manifest["spec"].get(section, {}), **value}
+    return manifest
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_round_trip_through_the_model(path: Path) -> None:
+    job = parse_finetune_job(yaml.safe_load(path.read_text()))
+    again = parse_finetune_job(defaulted(job))
+    assert again == job
+    assert defaulted(again) == defaulted(job)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_resolved_config_round_trips_through_json(path: Path, tmp_path: Path) -> None:
+    config = resolve_trainer_config(parse_finetune_job(yaml.safe_load(path.read_text())))
+    written = tmp_path / "config.json"
+    written.write_text(config.to_json())
+    assert load_trainer_config(written) == config
+
+
+def _get(config: TrainerConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+RESOLUTION_CASES = [
+    pytest.param({}, "hyperparameters.epochs", 1, id="no-length-means-one-epoch"),
+    pytest.param(
+        {"hyperparameters": {"maxSteps": 50}}, "hyperparameters.epochs", None, id="max-steps-no-epochs"
+    ),
+    pytest.param({"hyperparameters": {"maxSteps": 50}}, "hyperparameters.max_steps", 50, id="max-steps-kept"),
+    pytest.param({}, "method.lora.r", 16, id="lora-defaults-when-omitted"),
+    pytest.param({}, "method.lora.target_modules", "all-linear", id="empty-targets-mean-all-linear"),
+    pytest.param(
+        {"method": {"lora": {"targetModules": ["q_proj", "v_proj"]}}},
+        "method.lora.target_modules",
+        ["q_proj", "v_proj"],
+        id="explicit-targets",
+    ),
+    pytest.param({"method": {"type": "full"}}, "method.lora", None, id="full-has-no-lora"),
+    pytest.param({"method": {"type": "freeze"}}, "method.freeze.trainable_layers", 2, id="freeze-default"),
+    pytest.param(
+        {"resources": {"gpusPerNode": 0}}, "distributed.processes_per_node", 1, id="cpu-one-process"
+    ),
+    pytest.param({"resources": {"gpusPerNode": 0}}, "distributed.uses_gpus", False, id="cpu-no-gpus"),
+    pytest.param(
+        {"resources": {"nodes": 2, "gpusPerNode": 8}},
+        "distributed.world_size",
+        16,
+        id="world-size-nodes-x-gpus",
+    ),
+    pytest.param({}, "evaluation.every_steps", None, id="no-eval-data-no-evaluation"),
+    pytest.param({"dataset": {"evalSplit": 0.1}}, "evaluation.every_steps", 200, id="eval-split-evaluates"),
+    pytest.param(
+        {"dataset": {"evalSplit": 0.1}, "hyperparameters": {"earlyStopping": {}}},
+        "hyperparameters.early_stopping_patience",
+        3,
+        id="early-stopping-default-patience",
+    ),
+    pytest.param({}, "storage.endpoint", None, id="empty-endpoint-is-aws"),
+    pytest.param(
+        {"storage": {"endpoint": "http://minio:9000"}}, "storage.endpoint", "http://minio:9000", id="endpoint"
+    ),
+    pytest.param(
+        {"deepspeed": {"config": {"gradient_clipping": 0.5}}},
+        "deepspeed.overrides",
+        {"gradient_clipping": 0.5},
+        id="raw-overrides-passed-through",
+    ),
+    pytest.param({}, "job.namespace", "team", id="identity"),
+    pytest.param({}, "reporting.progress_port", 29600, id="fixed-progress-port"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field", "expected"), RESOLUTION_CASES)
+def test_resolution(overrides: dict[str, Any], field: str, expected: Any) -> None:
+    config = resolve_trainer_config(parse_finetune_job(_job(**overrides)))
+    assert _get(config, field) == expected
+
+
+def test_credentials_never_enter_the_config() -> None:
+    config = resolve_trainer_config(parse_finetune_job(_job(storage={"credentialsSecret": "s3-creds"})))
+    assert "s3-creds" not in config.to_json()
+    assert "credentials" not in config.to_json().lower()
+
+
+def json_ready(config: TrainerConfig) -> dict[str, Any]:
+    return config.model_dump(by_alias=True, mode="json")
+
+
+INCONSISTENT_CONFIGS = [
+    pytest.param(("method", "type"), "full", "lora settings", id="lora-settings-with-full"),
+    pytest.param(
+        ("hyperparameters", "maxSteps"), 10, "exactly one of epochs and maxSteps", id="both-lengths"
+    ),
+    pytest.param(("dataset", "evalSplit"), 0.1, "mutually exclusive", id="eval-and-split"),
+    pytest.param(("method", "type"), "qlora", "qlora needs GPUs", id="qlora-on-cpu"),
+    pytest.param(("hyperparameters", "learningRat"), 0.1, "Extra inputs", id="unknown-key"),
+]
+
+
+@pytest.mark.parametrize(("where", "value", "message"), INCONSISTENT_CONFIGS)
+def test_trainer_config_rejects_inconsistent_contracts(
+    where: tuple[str, str], value: Any, message: str
+) -> None:
+    """The trainer re-checks what the operator promised, so a skewed operator cannot start a bad run."""
+    manifest = _job(dataset={"eval": "s3://data/eval.jsonl"}, resources={"gpusPerNode": 0})
+    document = json_ready(resolve_trainer_config(parse_finetune_job(manifest)))
+    document[where[0]][where[1]] = value
+    with pytest.raises(ValidationError, match=message):
+        TrainerConfig.model_validate(document)
+
+
+def test_trainer_config_imports_without_torch_or_the_operator() -> None:
+    code = (
+        "import sys, finetune_trainer.config\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert not any(m.startswith('finetune_operator') for m in sys.modules), 'operator imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trainer_package_never_imports_the_operator() -> None:
+    sources = (ROOT / "trainer" / "src").rglob("*.py")
+    offenders = [str(p) for p in sources if "finetune_operator" in p.read_text()]
+    assert offenders == []
+
+
+def test_nothing_shadows_the_standard_operator_module() -> None:
+    import operator
+
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    assert Path(operator.__file__).parent == Path(sysconfig.get_paths()["stdlib"])
