@@ -60,14 +60,36 @@ def _check_rule(
     return RuleViolation(path + field_path, message or f"failed rule: {entry['rule']}", entry["rule"])
 
 
-def evaluate_rules(
-    schema: dict[str, Any], value: Any, old: Any = _MISSING, path: tuple[str | int, ...] = ()
-) -> list[RuleViolation]:
+def _typed(schema: dict[str, Any], value: Any) -> Any:
+    """Numbers typed by the schema, as Kubernetes CEL types them: 32 in a ``number`` field is 32.0.
+
+    cel-python types values by their Python type and refuses to compare an int with a double.
+    """
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {}
+        return {key: _typed(properties.get(key, extra), child) for key, child in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_typed(schema["items"], item) for item in value]
+    return value
+
+
+def evaluate_rules(schema: dict[str, Any], value: Any, old: Any = _MISSING) -> list[RuleViolation]:
     """All rule violations in ``value`` (and, where ``old`` is given, transition-rule violations).
 
     Transition rules (those that use ``oldSelf``) run only where the old object has the same field,
     as on the API server; without ``old`` (a create) they are skipped.
     """
+    typed_old = old if old is _MISSING else _typed(schema, old)
+    return _violations(schema, _typed(schema, value), typed_old, ())
+
+
+def _violations(
+    schema: dict[str, Any], value: Any, old: Any, path: tuple[str | int, ...]
+) -> list[RuleViolation]:
     violations: list[RuleViolation] = []
     for entry in schema.get("x-kubernetes-validations", []):
         if "oldSelf" in entry["rule"] and old is _MISSING:
@@ -80,15 +102,13 @@ def evaluate_rules(
         old_map = old if isinstance(old, dict) else {}
         for key, child_schema in schema.get("properties", {}).items():
             if key in value:
-                violations += evaluate_rules(
-                    child_schema, value[key], old_map.get(key, _MISSING), (*path, key)
-                )
+                violations += _violations(child_schema, value[key], old_map.get(key, _MISSING), (*path, key))
         extra_schema = schema.get("additionalProperties")
         if isinstance(extra_schema, dict):
             for key, child in value.items():
-                violations += evaluate_rules(extra_schema, child, old_map.get(key, _MISSING), (*path, key))
+                violations += _violations(extra_schema, child, old_map.get(key, _MISSING), (*path, key))
     elif isinstance(value, list) and "items" in schema:
         # Lists here are atomic: the API server correlates no old items, so no transition rules apply.
         for index, item in enumerate(value):
-            violations += evaluate_rules(schema["items"], item, _MISSING, (*path, index))
+            violations += _violations(schema["items"], item, _MISSING, (*path, index))
     return violations

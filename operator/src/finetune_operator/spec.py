@@ -443,9 +443,11 @@ class FinetuneJobSpec(SpecModel):
             field_path=".output.saveMerged",
         ),
         CelRule(
-            rule="oldSelf.runPolicy.suspend || self.resources == oldSelf.resources",
-            message="spec.resources can only change while the job is suspended "
-            "(spec.runPolicy.suspend: true)",
+            # Kueue admits a suspended job by setting node selectors as it unsuspends it, and stops one
+            # by suspending it and restoring them, in one update each.
+            rule="oldSelf.runPolicy.suspend || self.runPolicy.suspend || self.resources == oldSelf.resources",
+            message="spec.resources can only change while the job is suspended, or in the update that "
+            "suspends it (spec.runPolicy.suspend: true)",
             field_path=".resources",
         ),
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import types
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Union, get_args, get_origin
@@ -226,16 +228,29 @@ def parse_finetune_job(document: Any) -> FinetuneJob:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """Rejects duplicate keys, which plain YAML loading would silently resolve to the last one."""
+    """YAML as kubectl reads it: duplicate keys are errors (plain loading keeps the last one silently)
+    and exponents without a dot (``1e-4``) are numbers, as in go-yaml, not strings as in YAML 1.1."""
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
+    seen: set[tuple[type, Any]] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "found a key that is a list or mapping", key_node.start_mark
+            )
+        # Typed, so that 1 and true (equal in Python) are not taken for duplicates.
+        if (type(key), key) in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
+        seen.add((type(key), key))
     return loader.construct_mapping(node, deep=deep)
 
 
