@@ -27,3 +27,19 @@ def service_name(job_name: str) -> str:
 def config_map_name(job_name: str) -> str:
     """The ConfigMap holding the resolved trainer configuration."""
     return f"{job_name}-config"
+
+
+# Labels on every child; the operator finds a job's pods by LABEL_JOB.
+LABEL_JOB = "finetune.dev/job-name"
+LABEL_NODE_RANK = "finetune.dev/node-rank"
+# The gang's attempt (status.restarts when it was created), so that pods of an attempt being torn
+# down are never mistaken for the current one.
+LABEL_ATTEMPT = "finetune.dev/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "finetune-operator"
+
+
+def child_labels(job_name: str) -> dict[str, str]:
+    """Labels shared by every object one job owns."""
+    return {LABEL_JOB: job_name, LABEL_MANAGED_BY: MANAGED_BY}

@@ -1,0 +1,163 @@
+"""Carries out the state machine's decisions for one job: observe, decide, act.
+
+This is the only place where the pure parts (validation, ``state.decide``, ``manifests``) meet the
+Kubernetes API (``kube.py``). It remembers two things between passes, both only as caches: the
+status it last wrote (the watch may not have delivered it back yet, and acting on an older status
+would count one failure twice) and the parsed spec per generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from finetune_operator.kube import KubeApi, KubeApiError
+from finetune_operator.manifests import WorkerSettings, build_gang
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.spec import FinetuneJob
+from finetune_operator.state import Decision, Event, JobObservation, PodObservation, decide, set_condition
+from finetune_operator.validation import validate_object
+
+JobKey = tuple[str, str]
+EventPoster = Callable[[Mapping[str, Any], Event], None]
+# After an API error, try again this soon even without a new event.
+RETRY_AFTER_ERROR_SECONDS = 15.0
+
+logger = logging.getLogger(__name__)
+
+
+def _created(body: Mapping[str, Any]) -> datetime:
+    text = body.get("metadata", {}).get("creationTimestamp")
+    if not text:
+        return datetime.now(UTC)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+class Reconciler:
+    def __init__(
+        self, api: KubeApi, settings: WorkerSettings, metrics: OperatorMetrics, post_event: EventPoster
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.metrics = metrics
+        self.post_event = post_event
+        self._written_status: dict[JobKey, dict[str, Any]] = {}
+        self._parsed: dict[JobKey, tuple[int, FinetuneJob | None, tuple[str, ...]]] = {}
+
+    def forget(self, key: JobKey) -> None:
+        """Drops what was remembered of a deleted job."""
+        self._written_status.pop(key, None)
+        self._parsed.pop(key, None)
+        self.metrics.forget(key)
+
+    def _parse(self, key: JobKey, body: Mapping[str, Any]) -> tuple[FinetuneJob | None, tuple[str, ...]]:
+        generation = int(body.get("metadata", {}).get("generation") or 0)
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1], cached[2]
+        manifest = {k: v for k, v in body.items() if k != "status"}
+        job, issues = validate_object(manifest)
+        reasons = tuple(str(issue) for issue in issues)
+        self._parsed[key] = (generation, job, reasons)
+        return job, reasons
+
+    def observe(self, body: Mapping[str, Any]) -> JobObservation:
+        metadata = body.get("metadata", {})
+        key = (metadata["namespace"], metadata["name"])
+        job, reasons = self._parse(key, body)
+        status = self._written_status.get(key) or dict(body.get("status") or {})
+        return JobObservation(
+            name=metadata["name"],
+            namespace=metadata["namespace"],
+            generation=int(metadata.get("generation") or 0),
+            created=_created(body),
+            job=job,
+            invalid_reasons=reasons,
+            status=status,
+        )
+
+    async def reconcile(
+        self, body: Mapping[str, Any], pods: Iterable[PodObservation], now: datetime | None = None
+    ) -> float | None:
+        """One pass for one job; returns the seconds after which to look again without a new event."""
+        now = now or datetime.now(UTC)
+        observed = self.observe(body)
+        key = (observed.namespace, observed.name)
+        decision = decide(observed, list(pods), now)
+        try:
+            await self._apply(body, observed, decision)
+        except KubeApiError as error:
+            await self._record_error(body, observed, decision, error, now)
+            return RETRY_AFTER_ERROR_SECONDS
+        self.metrics.phases[key] = decision.status.get("phase") or "Pending"
+        if decision.gang_restarted:
+            self.metrics.gang_restarts.labels(observed.namespace).inc()
+        if decision.all_workers_running_first_time:
+            self.metrics.time_to_running.observe(max((now - observed.created).total_seconds(), 0.0))
+        for event in decision.events:
+            self.post_event(body, event)
+        return decision.requeue_after
+
+    async def _apply(self, body: Mapping[str, Any], observed: JobObservation, decision: Decision) -> None:
+        """Status first: a pass that dies half-way leaves a status the next pass can act on."""
+        status = decision.status
+        if any(c.get("type") == "ReconcileError" and c.get("status") == "True" for c in status["conditions"]):
+            status["conditions"] = set_condition(
+                status["conditions"],
+                "ReconcileError",
+                False,
+                "Recovered",
+                "",
+                datetime.now(UTC),
+                observed.generation,
+            )
+        await self._write_status(observed, status)
+        for name in decision.delete_pods:
+            await self.api.delete_pod(observed.namespace, name)
+        if decision.delete_children:
+            await self.api.delete_children(observed.namespace, observed.name)
+        if decision.create_attempt is not None and observed.job is not None:
+            uid = body.get("metadata", {}).get("uid", "")
+            for child in build_gang(observed.job, uid, decision.create_attempt, self.settings):
+                await self.api.create(child)
+
+    async def _write_status(self, observed: JobObservation, status: dict[str, Any]) -> None:
+        """Patches only when something changed; keys that became None are removed."""
+        present = {k: v for k, v in status.items() if v is not None}
+        if present == observed.status:
+            return
+        removed = {k: None for k in observed.status if k not in present}
+        await self.api.patch_status(observed.namespace, observed.name, {**present, **removed})
+        self._written_status[(observed.namespace, observed.name)] = present
+
+    async def _record_error(
+        self,
+        body: Mapping[str, Any],
+        observed: JobObservation,
+        decision: Decision,
+        error: KubeApiError,
+        now: datetime,
+    ) -> None:
+        """The operator's own failures go into a condition and an event, not only into its log."""
+        self.metrics.reconcile_errors.labels(error.reason).inc()
+        message = f"the operator could not act on the job: {error}"
+        logger.warning("%s/%s: %s", observed.namespace, observed.name, message)
+        self.post_event(body, Event("Warning", "ReconcileError", message))
+        known = self._written_status.get((observed.namespace, observed.name)) or observed.status
+        conditions = set_condition(
+            list(known.get("conditions") or []),
+            "ReconcileError",
+            True,
+            error.reason,
+            message,
+            now,
+            observed.generation,
+        )
+        try:
+            await self._write_status(observed, {**known, "conditions": conditions})
+        except KubeApiError as again:
+            logger.warning(
+                "%s/%s: cannot record the error in status: %s", observed.namespace, observed.name, again
+            )

@@ -1,0 +1,101 @@
+"""``finetune-operator``: runs the operator with production kopf settings.
+
+Watch scope (namespaces or the whole cluster), peering for several replicas, a liveness endpoint,
+Prometheus metrics, JSON logs and the default trainer image are all flags (or environment
+variables, for the Helm chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+import kopf
+from prometheus_client import start_http_server
+
+from finetune_operator.handlers import OperatorContext, post_event, registry
+from finetune_operator.kube import KubeApi, load_api_client
+from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.reconciler import Reconciler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="finetune-operator", description="Runs the FinetuneJob operator.")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        action="append",
+        default=[n for n in env("FINETUNE_NAMESPACES", "").split(",") if n],
+        help="namespace to watch (repeat for several; glob patterns allowed). Default: the whole cluster",
+    )
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    parser.add_argument(
+        "--default-image",
+        default=env("FINETUNE_DEFAULT_IMAGE", DEFAULT_TRAINER_IMAGE),
+        help="trainer image for jobs that name none (env FINETUNE_DEFAULT_IMAGE)",
+    )
+    parser.add_argument(
+        "--peering",
+        default=env("FINETUNE_PEERING", ""),
+        help="kopf peering name: replicas with the same name elect one active operator. Default: standalone",
+    )
+    parser.add_argument(
+        "--priority", type=int, default=int(env("FINETUNE_PRIORITY", "0")), help="peering priority"
+    )
+    parser.add_argument("--liveness-port", type=int, default=int(env("FINETUNE_LIVENESS_PORT", "8080")))
+    parser.add_argument("--metrics-port", type=int, default=int(env("FINETUNE_METRICS_PORT", "9090")))
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(env("FINETUNE_RESYNC_SECONDS", "30")),
+        help="look at every job at least this often, even without events",
+    )
+    parser.add_argument(
+        "--termination-grace-seconds",
+        type=int,
+        default=int(env("FINETUNE_TERMINATION_GRACE_SECONDS", "300")),
+        help="workers' time between SIGTERM and SIGKILL, to save a checkpoint",
+    )
+    parser.add_argument("--log-format", choices=["json", "plain"], default=env("FINETUNE_LOG_FORMAT", "json"))
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+    )
+    metrics = OperatorMetrics()
+    start_http_server(args.metrics_port, registry=metrics.registry)
+    settings = WorkerSettings(
+        default_image=args.default_image, termination_grace_seconds=args.termination_grace_seconds
+    )
+    reconciler = Reconciler(KubeApi(load_api_client()), settings, metrics, post_event)
+    memo = kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=args.resync_seconds))
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                memo=memo,
+                namespaces=args.namespace or None,
+                clusterwide=not args.namespace,
+                standalone=not args.peering,
+                peering_name=args.peering or None,
+                priority=args.priority,
+                liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz",
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The lifecycle of a FinetuneJob as a pure function: observed job and worker pods in, actions out.
+
+``decide`` never remembers anything between calls: everything it needs is in the job (its spec and
+the status the operator wrote) and in the pods it observes, so a restarted operator or a missed
+event converges to the same answer. ``reconciler.py`` feeds it and carries its actions out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, parse_termination_message
+
+from finetune_operator.naming import LABEL_ATTEMPT, LABEL_NODE_RANK
+from finetune_operator.spec import FinetuneJob
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+# Waiting reasons that keep a pod from starting until someone fixes something; shown as Pending.
+BLOCKED_WAITING_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
+
+
+@dataclass(frozen=True)
+class PodObservation:
+    """What the state machine needs to know about one worker pod."""
+
+    name: str
+    node_rank: int
+    attempt: int
+    phase: str = "Pending"
+    deleting: bool = False
+    started: bool = False
+    ready: bool = False
+    exit_code: int | None = None
+    reason: str = ""
+    message: str = ""
+    termination_message: str = ""
+    unschedulable: str = ""
+    waiting: str = ""
+    ip: str = ""
+
+
+def observe_pod(pod: dict[str, Any]) -> PodObservation:
+    """Reads a worker pod's body into a PodObservation."""
+    metadata = pod.get("metadata", {})
+    labels = metadata.get("labels", {})
+    status = pod.get("status", {}) or {}
+    container = next(iter(status.get("containerStatuses") or []), {})
+    state = container.get("state", {}) or {}
+    terminated = state.get("terminated") or {}
+    waiting = state.get("waiting") or {}
+    unschedulable = ""
+    ready = False
+    for condition in status.get("conditions") or []:
+        if (condition.get("type"), condition.get("status"), condition.get("reason")) == (
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+        ):
+            unschedulable = condition.get("message", "") or "no node fits the pod"
+        if condition.get("type") == "Ready":
+            ready = condition.get("status") == "True"
+    waiting_reason = waiting.get("reason", "")
+    return PodObservation(
+        name=metadata.get("name", ""),
+        node_rank=int(labels.get(LABEL_NODE_RANK, "0")),
+        attempt=int(labels.get(LABEL_ATTEMPT, "0")),
+        phase=status.get("phase", "Pending"),
+        deleting=bool(metadata.get("deletionTimestamp")),
+        started=bool(state.get("running") or terminated),
+        ready=ready,
+        exit_code=terminated.get("exitCode"),
+        reason=terminated.get("reason") or status.get("reason", ""),
+        message=status.get("message", ""),
+        termination_message=terminated.get("message", ""),
+        unschedulable=unschedulable,
+        waiting=f"{waiting_reason}: {waiting.get('message', '')}".rstrip(": ")
+        if waiting_reason in BLOCKED_WAITING_REASONS
+        else "",
+        ip=status.get("podIP", ""),
+    )
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """The FinetuneJob as the reconciler sees it: parsed spec (or the reasons it is invalid) and status."""
+
+    name: str
+    namespace: str
+    generation: int
+    created: datetime
+    job: FinetuneJob | None
+    invalid_reasons: tuple[str, ...] = ()
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    """What to do now; the reconciler applies it in this order: status, deletions, creation, events."""
+
+    status: dict[str, Any]
+    create_attempt: int | None = None
+    delete_pods: list[str] = field(default_factory=list)
+    delete_children: bool = False
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    gang_restarted: bool = False
+    all_workers_running_first_time: bool = False
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """Conditions with one updated; lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    transition = (
+        previous["lastTransitionTime"] if previous and previous.get("status") == value else _timestamp(now)
+    )
+    updated = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+        "observedGeneration": generation,
+    }
+    return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+def _failure_description(pod: PodObservation) -> tuple[str, str]:
+    """(reason, message) for a failed or lost worker, preferring the trainer's own words."""
+    summary = parse_termination_message(pod.termination_message)
+    where = f"worker {pod.node_rank} (pod {pod.name})"
+    if pod.exit_code == NON_RETRYABLE_EXIT_CODE:
+        error = (
+            summary.error if summary and summary.error else pod.termination_message or "non-retryable error"
+        )
+        return "NonRetryableError", f"{where}: {error}"
+    if pod.deleting and pod.phase not in ("Failed", "Succeeded"):
+        return "WorkerDeleted", f"{where} was deleted (preemption, eviction or node drain)"
+    if pod.reason == "Evicted" or pod.exit_code is None:
+        return pod.reason or "WorkerFailed", f"{where} failed: {pod.message or pod.reason or 'no exit code'}"
+    detail = summary.error if summary and summary.error else pod.reason
+    suffix = f" ({detail})" if detail else ""
+    return ("OOMKilled" if pod.reason == "OOMKilled" else "WorkerFailed"), (
+        f"{where} exited with code {pod.exit_code}{suffix}"
+    )
+
+
+class _Builder:
+    """Accumulates the new status, events and actions of one decision."""
+
+    def __init__(self, observed: JobObservation, now: datetime) -> None:
+        self.observed = observed
+        self.now = now
+        self.status: dict[str, Any] = {
+            "phase": None,
+            "restarts": 0,
+            "conditions": [],
+            "message": "",
+            **observed.status,
+            "observedGeneration": observed.generation,
+        }
+        self.decision = Decision(status=self.status)
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        self.status["conditions"] = set_condition(
+            self.status["conditions"], type_, status, reason, message, self.now, self.observed.generation
+        )
+
+    def move_to(self, phase: str, message: str, reason: str | None = None, warning: bool = False) -> None:
+        """Sets the phase and message; an Event records every change of phase."""
+        if self.phase != phase:
+            self.decision.events.append(Event("Warning" if warning else "Normal", reason or phase, message))
+        self.status["phase"] = phase
+        self.status["message"] = message
+        self.condition("Running", phase == "Running", reason or phase, message)
+
+    def fail(self, reason: str, message: str) -> None:
+        self.move_to("Failed", message, reason, warning=True)
+        self.condition("Failed", True, reason, message)
+        self.finish()
+
+    def finish(self) -> None:
+        self.status.setdefault("completionTime", None)
+        self.status["completionTime"] = self.status["completionTime"] or _timestamp(self.now)
+
+    def delete(self, pods: list[PodObservation]) -> None:
+        self.decision.delete_pods += [p.name for p in pods if not p.deleting]
+
+    def stop(self, pods: list[PodObservation]) -> None:
+        """Deletes the workers still alive; finished ones stay for `kubectl logs` until the TTL."""
+        self.delete([p for p in pods if p.phase not in ("Succeeded", "Failed")])
+
+
+def _terminal(b: _Builder, pods: list[PodObservation], spec: FinetuneJob | None) -> Decision:
+    """Finished jobs: stop leftover workers, then delete children after ttlSecondsAfterFinished."""
+    b.stop(pods)
+    ttl = spec.spec.run_policy.ttl_seconds_after_finished if spec else 0
+    finished = _parse_time(b.status.get("completionTime"))
+    cleaned = any(c.get("type") == "ChildrenDeleted" for c in b.status["conditions"])
+    if ttl > 0 and finished is not None and not cleaned:
+        due = finished + timedelta(seconds=ttl)
+        if b.now >= due:
+            b.decision.delete_children = True
+            message = (
+                f"ttlSecondsAfterFinished ({ttl}s) passed: deleted the job's pods, Service and ConfigMap"
+            )
+            b.condition("ChildrenDeleted", True, "TTLExpired", message)
+            b.decision.events.append(Event("Normal", "ChildrenDeleted", message))
+        else:
+            b.decision.requeue_after = (due - b.now).total_seconds()
+    return b.decision
+
+
+def decide(observed: JobObservation, pods: list[PodObservation], now: datetime) -> Decision:
+    """The next step for one job, from its spec, the status written so far and its worker pods."""
+    b = _Builder(observed, now)
+    job = observed.job
+
+    if job is None:
+        if b.phase != "Failed":
+            reasons = "; ".join(observed.invalid_reasons)
+            b.fail("InvalidSpec", f"the FinetuneJob is invalid: {reasons}")
+        return _terminal(b, pods, None)
+    if b.phase in TERMINAL_PHASES:
+        return _terminal(b, pods, job)
+
+    policy = job.spec.run_policy
+    attempt = int(b.status.get("restarts") or 0)
+    current = [p for p in pods if p.attempt == attempt]
+    stale = [p for p in pods if p.attempt != attempt]
+
+    if policy.suspend:
+        b.delete(pods)
+        if b.phase != "Suspended":
+            message = "suspended: workers deleted; checkpoints and outputs stay in S3"
+            b.move_to("Suspended", message)
+            b.condition("Suspended", True, "Suspended", message)
+            b.status["startTime"] = None  # the deadline counts again from the resume, as for a batch Job
+        b.status["workers"] = {"total": job.spec.resources.nodes, "ready": 0}
+        return b.decision
+    if b.phase == "Suspended":
+        b.condition("Suspended", False, "Resumed", "resumed from the newest complete checkpoint")
+        b.decision.events.append(Event("Normal", "Resumed", "resuming from the newest complete checkpoint"))
+
+    started_at = _parse_time(b.status.get("startTime"))
+    if policy.active_deadline_seconds and started_at is not None:
+        deadline = started_at + timedelta(seconds=policy.active_deadline_seconds)
+        if now >= deadline:
+            b.stop(pods)
+            b.fail(
+                "DeadlineExceeded",
+                f"ran longer than activeDeadlineSeconds ({policy.active_deadline_seconds}s)",
+            )
+            return b.decision
+        b.decision.requeue_after = (deadline - now).total_seconds()
+
+    if stale:
+        b.delete(stale)
+        b.move_to("Restarting", b.status.get("message") or "waiting for the previous workers to stop")
+        return b.decision
+
+    return _run_attempt(b, job, attempt, current)
+
+
+def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodObservation]) -> Decision:
+    nodes = job.spec.resources.nodes
+    by_rank = {p.node_rank: p for p in current}
+    started = [p for p in current if p.started]
+    previously_ready = (b.status.get("workers") or {}).get("ready", 0)
+    b.status["workers"] = {"total": nodes, "ready": sum(1 for p in current if p.phase == "Running")}
+
+    failed = [p for p in current if p.phase == "Failed" or (p.deleting and p.phase != "Succeeded")]
+    lost = [rank for rank in range(nodes) if rank not in by_rank] if started else []
+    if failed or lost:
+        return _handle_failure(b, job, attempt, current, failed, lost)
+
+    if len(by_rank) < nodes:
+        b.decision.create_attempt = attempt
+        if b.phase in (None, "Suspended"):
+            b.move_to("Pending", f"creating {nodes} worker pod(s)")
+        return b.decision
+
+    if all(p.phase == "Succeeded" for p in current):
+        summary = parse_termination_message(by_rank[0].termination_message)
+        b.move_to("Succeeded", "training finished")
+        b.condition("Succeeded", True, "Succeeded", "every worker exited 0")
+        if summary is not None:
+            b.status["outputModel"] = summary.output_model or b.status.get("outputModel", "")
+            if summary.metrics:
+                b.status["metrics"] = {**(b.status.get("metrics") or {}), **summary.metrics}
+        b.finish()
+        return b.decision
+
+    if started and not b.status.get("startTime"):
+        b.status["startTime"] = _timestamp(b.now)
+    if len(started) < nodes:
+        blocked = next((p for p in current if p.unschedulable or p.waiting), None)
+        if blocked is not None:
+            detail = f"Unschedulable: {blocked.unschedulable}" if blocked.unschedulable else blocked.waiting
+            reason = "Unschedulable" if blocked.unschedulable else "Pending"
+            b.move_to("Pending", f"worker {blocked.node_rank}: {detail}", reason)
+        elif started:
+            b.move_to("Initializing", f"{len(started)} of {nodes} workers started")
+        else:
+            b.move_to("Pending", f"waiting for {nodes} worker pod(s) to start")
+        return b.decision
+
+    b.decision.all_workers_running_first_time = (
+        attempt == 0 and previously_ready < nodes and b.status["workers"]["ready"] == nodes
+    )
+    if by_rank[0].ready:
+        b.move_to("Running", "training")
+    else:
+        b.move_to("Initializing", "all workers started; waiting for training to report progress")
+    return b.decision
+
+
+def _handle_failure(
+    b: _Builder,
+    job: FinetuneJob,
+    attempt: int,
+    current: list[PodObservation],
+    failed: list[PodObservation],
+    lost: list[int],
+) -> Decision:
+    """Non-retryable errors fail at once; others restart the gang until backoffLimit is spent."""
+    non_retryable = next((p for p in failed if p.exit_code == NON_RETRYABLE_EXIT_CODE), None)
+    if non_retryable is not None:
+        b.stop(current)
+        b.fail(*_failure_description(non_retryable))
+        return b.decision
+    if failed:
+        first = min(failed, key=lambda p: p.node_rank)
+        reason, message = _failure_description(first)
+    else:
+        reason, message = "WorkerLost", f"worker {lost[0]}'s pod disappeared"
+    limit = job.spec.run_policy.backoff_limit
+    if attempt >= limit:
+        b.stop(current)
+        b.fail(
+            "BackoffLimitExceeded",
+            f"the gang failed {attempt + 1} time(s) (backoffLimit {limit}); "
+            f"last failure: {reason}: {message}",
+        )
+        return b.decision
+    b.delete(current)
+    b.status["restarts"] = attempt + 1
+    b.decision.gang_restarted = True
+    b.move_to(
+        "Restarting",
+        f"{reason}: {message}; restarting the gang from the newest complete checkpoint "
+        f"(restart {attempt + 1} of {limit})",
+        "GangRestart",
+        warning=True,
+    )
+    return b.decision

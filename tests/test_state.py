@@ -1,0 +1,421 @@
+"""The job lifecycle as a table: observed job and pods in, status, actions and events out."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from finetune_operator.state import (
+    Decision,
+    JobObservation,
+    PodObservation,
+    decide,
+    observe_pod,
+    set_condition,
+)
+from finetune_operator.validation import parse_finetune_job
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
+
+NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
+CREATED = NOW - timedelta(minutes=10)
+MANIFEST: dict[str, Any] = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FinetuneJob",
+    "metadata": {"name": "job", "namespace": "team"},
+    "spec": {
+        "model": {"uri": "s3://models/base/"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/job/"},
+        "resources": {"nodes": 2, "gpusPerNode": 1},
+        "runPolicy": {"backoffLimit": 2},
+    },
+}
+
+
+def ts(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job(status: dict[str, Any] | None = None, **run_policy: Any) -> JobObservation:
+    manifest = copy.deepcopy(MANIFEST)
+    manifest["spec"]["runPolicy"].update(run_policy)
+    return JobObservation(
+        name="job",
+        namespace="team",
+        generation=1,
+        created=CREATED,
+        job=parse_finetune_job(manifest),
+        status=status or {},
+    )
+
+
+def pod(rank: int, attempt: int = 0, **fields: Any) -> PodObservation:
+    return PodObservation(name=f"job-worker-{rank}", node_rank=rank, attempt=attempt, **fields)
+
+
+RUNNING = {"phase": "Running", "started": True}
+READY = {**RUNNING, "ready": True}
+
+
+def succeeded(**summary: Any) -> dict[str, Any]:
+    message = TerminationSummary(outcome="succeeded", **summary).to_message() if summary else ""
+    return {"phase": "Succeeded", "started": True, "exit_code": 0, "termination_message": message}
+
+
+def failed(code: int, reason: str = "Error", error: str = "") -> dict[str, Any]:
+    message = TerminationSummary(outcome="failed", error=error).to_message() if error else ""
+    return {
+        "phase": "Failed",
+        "started": True,
+        "exit_code": code,
+        "reason": reason,
+        "termination_message": message,
+    }
+
+
+def running_status(**extra: Any) -> dict[str, Any]:
+    return {"phase": "Running", "restarts": 0, "startTime": ts(NOW - timedelta(minutes=5)), **extra}
+
+
+# (id, observed job, pods, expectations): expectations name Decision/status fields to check.
+CASES = [
+    ("new-job-creates-the-gang", job(), [], {"phase": "Pending", "create": 0, "events": ["Pending"]}),
+    (
+        "pods-not-yet-scheduled",
+        job({"phase": "Pending"}),
+        [pod(0), pod(1)],
+        {"phase": "Pending", "events": []},
+    ),
+    (
+        "unschedulable-reason-from-the-scheduler",
+        job({"phase": "Pending"}),
+        [pod(0, unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."), pod(1)],
+        {
+            "phase": "Pending",
+            "message": "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        },
+    ),
+    (
+        "image-pull-failure-keeps-it-pending-with-the-reason",
+        job({"phase": "Pending"}),
+        [pod(0, waiting="ImagePullBackOff: back-off pulling image"), pod(1)],
+        {"phase": "Pending", "message": "ImagePullBackOff: back-off pulling image"},
+    ),
+    (
+        "some-workers-started",
+        job({"phase": "Pending"}),
+        [pod(0, **RUNNING), pod(1)],
+        {"phase": "Initializing", "events": ["Initializing"], "start_time": True},
+    ),
+    (
+        "all-started-waiting-for-training",
+        job({"phase": "Pending"}),
+        [pod(0, **RUNNING), pod(1, **RUNNING)],
+        {"phase": "Initializing", "first_running": True, "workers": {"total": 2, "ready": 2}},
+    ),
+    (
+        "rank-zero-ready-means-running",
+        job({"phase": "Initializing", "workers": {"total": 2, "ready": 2}}),
+        [pod(0, **READY), pod(1, **RUNNING)],
+        {"phase": "Running", "events": ["Running"], "first_running": False},
+    ),
+    (
+        "steady-running-changes-nothing",
+        job(running_status(workers={"total": 2, "ready": 2})),
+        [pod(0, **READY), pod(1, **RUNNING)],
+        {"phase": "Running", "events": [], "delete": [], "create": None},
+    ),
+    (
+        "every-worker-exited-0",
+        job(running_status()),
+        [
+            pod(0, **succeeded(output_model="s3://out/job/model/", metrics={"evalLoss": 1.5})),
+            pod(1, **succeeded()),
+        ],
+        {
+            "phase": "Succeeded",
+            "events": ["Succeeded"],
+            "completion": True,
+            "output_model": "s3://out/job/model/",
+            "metrics": {"evalLoss": 1.5},
+        },
+    ),
+    (
+        "one-finished-early-others-running",
+        job(running_status()),
+        [pod(0, **READY), pod(1, **succeeded())],
+        {"phase": "Running", "events": []},
+    ),
+    (
+        "worker-failure-restarts-the-gang",
+        job(running_status()),
+        [pod(0, **READY), pod(1, **failed(1, error="CUDA error: an illegal memory access"))],
+        {
+            "phase": "Restarting",
+            "restarts": 1,
+            "delete": ["job-worker-0", "job-worker-1"],
+            "events": ["GangRestart"],
+            "warning": True,
+            "message": "worker 1 (pod job-worker-1) exited with code 1 (CUDA error: an illegal memory access",
+            "gang_restarted": True,
+        },
+    ),
+    (
+        "oom-killed-is-named",
+        job(running_status()),
+        [pod(0, **failed(137, reason="OOMKilled")), pod(1, **RUNNING)],
+        {"phase": "Restarting", "restarts": 1, "message": "OOMKilled"},
+    ),
+    (
+        "past-backoff-limit-fails-with-the-last-reason",
+        job(running_status(restarts=2)),
+        [pod(0, attempt=2, **failed(137, reason="OOMKilled")), pod(1, attempt=2, **RUNNING)],
+        {
+            "phase": "Failed",
+            "condition": ("Failed", "BackoffLimitExceeded"),
+            "message": "last failure: OOMKilled",
+            "delete": ["job-worker-1"],
+            "completion": True,
+        },
+    ),
+    (
+        "non-retryable-exit-fails-at-once-with-the-trainers-message",
+        job(running_status()),
+        [
+            pod(0, **failed(NON_RETRYABLE_EXIT_CODE, error="no usable rows in s3://data/train.jsonl")),
+            pod(1, **RUNNING),
+        ],
+        {
+            "phase": "Failed",
+            "restarts": 0,
+            "condition": ("Failed", "NonRetryableError"),
+            "message": "no usable rows in s3://data/train.jsonl",
+            "delete": ["job-worker-1"],
+        },
+    ),
+    (
+        "evicted-or-deleted-worker-restarts-the-gang",
+        job(running_status()),
+        [pod(0, **READY), pod(1, **RUNNING, deleting=True)],
+        {"phase": "Restarting", "restarts": 1, "message": "deleted (preemption", "delete": ["job-worker-0"]},
+    ),
+    (
+        "vanished-worker-restarts-the-gang",
+        job(running_status()),
+        [pod(0, **READY)],
+        {"phase": "Restarting", "restarts": 1, "message": "worker 1's pod disappeared"},
+    ),
+    (
+        "missing-worker-before-any-start-is-just-created",
+        job({"phase": "Pending"}),
+        [pod(0)],
+        {"phase": "Pending", "create": 0, "restarts": 0},
+    ),
+    (
+        "previous-attempt-is-torn-down-before-the-next",
+        job({"phase": "Restarting", "restarts": 1}),
+        [pod(0, attempt=0, **READY), pod(1, attempt=0, **failed(1), deleting=True)],
+        {"phase": "Restarting", "delete": ["job-worker-0"], "create": None},
+    ),
+    (
+        "next-attempt-created-once-the-old-pods-are-gone",
+        job({"phase": "Restarting", "restarts": 1}),
+        [],
+        {"phase": "Restarting", "create": 1},
+    ),
+    (
+        "suspend-deletes-workers",
+        job(running_status(), suspend=True),
+        [pod(0, **READY), pod(1, **RUNNING)],
+        {
+            "phase": "Suspended",
+            "delete": ["job-worker-0", "job-worker-1"],
+            "events": ["Suspended"],
+            "condition": ("Suspended", "Suspended"),
+            "start_time": False,
+        },
+    ),
+    (
+        "resume-creates-the-gang-again",
+        job({"phase": "Suspended", "restarts": 1}),
+        [],
+        {"phase": "Pending", "create": 1, "events": ["Resumed", "Pending"], "condition_false": "Suspended"},
+    ),
+    (
+        "deadline-exceeded",
+        job(running_status(startTime=ts(NOW - timedelta(hours=2))), activeDeadlineSeconds=3600),
+        [pod(0, **READY), pod(1, **RUNNING)],
+        {
+            "phase": "Failed",
+            "condition": ("Failed", "DeadlineExceeded"),
+            "delete": ["job-worker-0", "job-worker-1"],
+        },
+    ),
+    (
+        "deadline-ahead-asks-to-look-again-then",
+        job(running_status(startTime=ts(NOW - timedelta(minutes=30))), activeDeadlineSeconds=3600),
+        [pod(0, **READY), pod(1, **RUNNING)],
+        {"phase": "Running", "requeue": 1800.0},
+    ),
+    (
+        "ttl-not-yet-due",
+        job(
+            {"phase": "Succeeded", "completionTime": ts(NOW - timedelta(seconds=60))},
+            ttlSecondsAfterFinished=600,
+        ),
+        [],
+        {"phase": "Succeeded", "requeue": 540.0, "delete_children": False},
+    ),
+    (
+        "ttl-due-deletes-children-keeps-the-job",
+        job(
+            {"phase": "Succeeded", "completionTime": ts(NOW - timedelta(seconds=700))},
+            ttlSecondsAfterFinished=600,
+        ),
+        [pod(0, **succeeded())],
+        {"phase": "Succeeded", "delete_children": True, "condition": ("ChildrenDeleted", "TTLExpired")},
+    ),
+    (
+        "finished-job-never-recreates-children",
+        job({"phase": "Failed", "completionTime": ts(NOW)}),
+        [],
+        {"phase": "Failed", "create": None, "events": []},
+    ),
+    (
+        "failed-job-stops-leftover-workers",
+        job({"phase": "Failed", "completionTime": ts(NOW)}),
+        [pod(1, **RUNNING)],
+        {"phase": "Failed", "delete": ["job-worker-1"]},
+    ),
+]
+
+
+def _condition(decision: Decision, type_: str) -> dict[str, Any] | None:
+    return next((c for c in decision.status["conditions"] if c["type"] == type_), None)
+
+
+@pytest.mark.parametrize(("observed", "pods", "expect"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_lifecycle(observed: JobObservation, pods: list[PodObservation], expect: dict[str, Any]) -> None:
+    decision = decide(observed, pods, NOW)
+    status = decision.status
+    assert status["phase"] == expect["phase"]
+    checks = {
+        "create": lambda: decision.create_attempt,
+        "delete": lambda: sorted(decision.delete_pods),
+        "events": lambda: [e.reason for e in decision.events],
+        "restarts": lambda: status["restarts"],
+        "requeue": lambda: decision.requeue_after,
+        "delete_children": lambda: decision.delete_children,
+        "first_running": lambda: decision.all_workers_running_first_time,
+        "gang_restarted": lambda: decision.gang_restarted,
+        "workers": lambda: status["workers"],
+        "output_model": lambda: status.get("outputModel"),
+        "metrics": lambda: status.get("metrics"),
+    }
+    for key, actual in checks.items():
+        if key in expect:
+            assert actual() == expect[key], key
+    if "message" in expect:
+        assert expect["message"] in status["message"]
+    if "warning" in expect:
+        assert [e.type for e in decision.events] == ["Warning"]
+    if "condition" in expect:
+        type_, reason = expect["condition"]
+        condition = _condition(decision, type_)
+        assert condition is not None and (condition["status"], condition["reason"]) == ("True", reason)
+        assert condition["message"]
+    if "condition_false" in expect:
+        assert _condition(decision, expect["condition_false"])["status"] == "False"
+    if "completion" in expect:
+        assert status["completionTime"] == ts(NOW)
+    if "start_time" in expect:
+        assert bool(status.get("startTime")) is expect["start_time"]
+    assert status["observedGeneration"] == 1
+
+
+def test_invalid_spec_fails_with_the_reasons_and_creates_nothing() -> None:
+    observed = JobObservation(
+        "job", "team", 3, CREATED, job=None, invalid_reasons=("spec.resources.nodes: got 0",)
+    )
+    decision = decide(observed, [], NOW)
+    assert decision.status["phase"] == "Failed"
+    assert decision.create_attempt is None
+    condition = _condition(decision, "Failed")
+    assert condition["reason"] == "InvalidSpec" and "spec.resources.nodes: got 0" in condition["message"]
+    assert [e.reason for e in decision.events] == ["InvalidSpec"]
+    again = decide(replace(observed, status=decision.status), [], NOW)
+    assert again.events == [] and again.status == decision.status
+
+
+def test_decisions_are_idempotent() -> None:
+    """Feeding a decision's status back in with the same pods changes nothing and emits nothing."""
+    for _, observed, pods, _ in CASES:
+        first = decide(observed, pods, NOW)
+        if first.delete_pods or first.create_attempt is not None or first.delete_children:
+            continue  # the world changes before the next pass
+        second = decide(replace(observed, status=copy.deepcopy(first.status)), pods, NOW)
+        assert second.status == first.status
+        assert second.events == []
+
+
+def test_condition_transition_time_moves_only_when_status_flips() -> None:
+    first = set_condition([], "Suspended", True, "Suspended", "a", NOW, 1)
+    later = NOW + timedelta(hours=1)
+    same = set_condition(first, "Suspended", True, "Suspended", "b", later, 2)
+    flipped = set_condition(same, "Suspended", False, "Resumed", "c", later, 2)
+    assert same[0]["lastTransitionTime"] == ts(NOW) and same[0]["message"] == "b"
+    assert flipped[0]["lastTransitionTime"] == ts(later)
+
+
+def test_observe_pod_reads_the_kubelet_status() -> None:
+    body = {
+        "metadata": {
+            "name": "job-worker-1",
+            "labels": {"finetune.dev/node-rank": "1", "finetune.dev/attempt": "2"},
+            "deletionTimestamp": "2026-11-21T12:00:00Z",
+        },
+        "status": {
+            "phase": "Failed",
+            "podIP": "10.0.0.7",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {
+                            "exitCode": 137,
+                            "reason": "OOMKilled",
+                            "message": '{"outcome":"failed"}',
+                        }
+                    }
+                }
+            ],
+        },
+    }
+    observed = observe_pod(body)
+    assert (observed.node_rank, observed.attempt, observed.exit_code) == (1, 2, 137)
+    assert (observed.reason, observed.deleting, observed.started, observed.ip) == (
+        "OOMKilled",
+        True,
+        True,
+        "10.0.0.7",
+    )
+    pending = observe_pod(
+        {
+            "metadata": {"name": "p", "labels": {}},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "no GPUs",
+                    }
+                ],
+            },
+        }
+    )
+    assert pending.unschedulable == "no GPUs" and not pending.started

@@ -1,0 +1,51 @@
+"""What a worker tells the operator when it exits: its exit code and a summary in the pod's status.
+
+Kubernetes copies the termination-message file (at most 4 KB) into the container's terminated
+state, so the operator learns the outcome, the final metrics and the trainer's own error message
+without the workers needing any Kubernetes permissions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+# The one exit code for errors a restart cannot fix (bad data, bad configuration, a missing object):
+# the operator fails the job at once instead of restarting the gang. Every other non-zero code is
+# retryable. 78 is EX_CONFIG in sysexits.h.
+NON_RETRYABLE_EXIT_CODE = 78
+
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+class TerminationSummary(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="ignore")
+
+    outcome: Literal["succeeded", "failed", "stopped"]
+    retryable: bool = True
+    error: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    output_model: str = ""
+    step: int | None = None
+
+    def to_message(self) -> str:
+        """JSON within the 4 KB Kubernetes keeps; a long error is shortened, never the JSON cut."""
+        summary = self
+        text = summary.model_dump_json(by_alias=True, exclude_defaults=True)
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and summary.error:
+            summary = summary.model_copy(update={"error": summary.error[: len(summary.error) // 2] + "..."})
+            text = summary.model_dump_json(by_alias=True, exclude_defaults=True)
+        return text
+
+
+def parse_termination_message(text: str | None) -> TerminationSummary | None:
+    """The summary in a pod's termination message, or None when there is none (e.g. OOM-killed)."""
+    if not text:
+        return None
+    try:
+        return TerminationSummary.model_validate(json.loads(text))
+    except (ValueError, ValidationError):
+        return None
