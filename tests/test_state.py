@@ -276,7 +276,12 @@ CASES = [
             ttlSecondsAfterFinished=600,
         ),
         [pod(0, **succeeded())],
-        {"phase": "Succeeded", "delete_children": True, "condition": ("ChildrenDeleted", "TTLExpired")},
+        {
+            "phase": "Succeeded",
+            "delete_children": True,
+            "delete": ["job-worker-0"],
+            "condition": ("ChildrenDeleted", "TTLExpired"),
+        },
     ),
     (
         "finished-job-never-recreates-children",

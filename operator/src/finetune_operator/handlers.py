@@ -21,7 +21,8 @@ from finetune_operator.naming import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.reconciler import JobKey, Reconciler
 from finetune_operator.state import Event, PodObservation, observe_pod
 
-registry = kopf.OperatorRegistry()
+# Smart: in-cluster or kubeconfig login comes with it.
+registry = kopf.SmartOperatorRegistry()
 WORKER_LABELS = {LABEL_JOB: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY}
 
 

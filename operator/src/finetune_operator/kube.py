@@ -15,7 +15,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import GROUP, PLURAL, VERSION
-from finetune_operator.naming import LABEL_JOB, config_map_name, service_name
+from finetune_operator.naming import config_map_name, service_name
 
 
 @dataclass
@@ -83,11 +83,8 @@ class KubeApi:
         """Deletes a worker with its own grace period, so the trainer can save a checkpoint."""
         await self._call(self._core.delete_namespaced_pod, name, namespace, ignore=(404,))
 
-    async def delete_children(self, namespace: str, job_name: str) -> None:
-        """Deletes a finished job's pods, Service and ConfigMap; the FinetuneJob stays."""
-        await self._call(
-            self._core.delete_collection_namespaced_pod, namespace, label_selector=f"{LABEL_JOB}={job_name}"
-        )
+    async def delete_rendezvous(self, namespace: str, job_name: str) -> None:
+        """Deletes a finished job's Service and ConfigMap (its pods go one by one); the job stays."""
         await self._call(
             self._core.delete_namespaced_service, service_name(job_name), namespace, ignore=(404,)
         )

@@ -117,7 +117,7 @@ class Reconciler:
         for name in decision.delete_pods:
             await self.api.delete_pod(observed.namespace, name)
         if decision.delete_children:
-            await self.api.delete_children(observed.namespace, observed.name)
+            await self.api.delete_rendezvous(observed.namespace, observed.name)
         if decision.create_attempt is not None and observed.job is not None:
             uid = body.get("metadata", {}).get("uid", "")
             for child in build_gang(observed.job, uid, decision.create_attempt, self.settings):

@@ -115,6 +115,7 @@ class Decision:
     status: dict[str, Any]
     create_attempt: int | None = None
     delete_pods: list[str] = field(default_factory=list)
+    # The Service and ConfigMap (pods are named in delete_pods).
     delete_children: bool = False
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
@@ -237,6 +238,7 @@ def _terminal(b: _Builder, pods: list[PodObservation], spec: FinetuneJob | None)
     if ttl > 0 and finished is not None and not cleaned:
         due = finished + timedelta(seconds=ttl)
         if b.now >= due:
+            b.delete(pods)
             b.decision.delete_children = True
             message = (
                 f"ttlSecondsAfterFinished ({ttl}s) passed: deleted the job's pods, Service and ConfigMap"
