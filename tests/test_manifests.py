@@ -93,8 +93,8 @@ def test_config_map_holds_the_trainer_contract() -> None:
 @pytest.mark.parametrize(
     ("resources", "nproc", "gpu_limit"),
     [
-        pytest.param({"gpusPerNode": 8}, "8", 8, id="eight-gpus"),
-        pytest.param({"gpusPerNode": 1}, "1", 1, id="one-gpu"),
+        pytest.param({"gpusPerNode": 8}, "8", "8", id="eight-gpus"),
+        pytest.param({"gpusPerNode": 1}, "1", "1", id="one-gpu"),
         pytest.param({"gpusPerNode": 0}, "1", None, id="cpu-only-one-process"),
     ],
 )
@@ -150,7 +150,7 @@ def test_pod_details_users_expect() -> None:
     assert spec["restartPolicy"] == "Never"
     assert container["resources"] == {
         "requests": {"cpu": "32", "memory": "512Gi"},
-        "limits": {"memory": "512Gi", "nvidia.com/gpu": 8},
+        "limits": {"memory": "512Gi", "nvidia.com/gpu": "8"},
     }
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in spec["volumes"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False

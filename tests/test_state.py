@@ -150,6 +150,18 @@ CASES = [
         {"phase": "Running", "events": []},
     ),
     (
+        "rank-zero-finished-first-stays-running",
+        job(running_status()),
+        [pod(0, **succeeded()), pod(1, **RUNNING)],
+        {"phase": "Running", "events": []},
+    ),
+    (
+        "readiness-flap-does-not-leave-running",
+        job(running_status()),
+        [pod(0, **RUNNING), pod(1, **RUNNING)],
+        {"phase": "Running", "events": []},
+    ),
+    (
         "worker-failure-restarts-the-gang",
         job(running_status()),
         [pod(0, **READY), pod(1, **failed(1, error="CUDA error: an illegal memory access"))],

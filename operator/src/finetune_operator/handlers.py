@@ -21,8 +21,7 @@ from finetune_operator.naming import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.reconciler import JobKey, Reconciler
 from finetune_operator.state import Event, PodObservation, observe_pod
 
-# Smart: in-cluster or kubeconfig login comes with it.
-registry = kopf.SmartOperatorRegistry()
+registry = kopf.OperatorRegistry()
 WORKER_LABELS = {LABEL_JOB: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY}
 
 

@@ -163,7 +163,7 @@ def _resources(job: FinetuneJob) -> dict[str, Any]:
     if spec.memory is not None:
         requests["memory"] = limits["memory"] = str(spec.memory)
     if spec.gpus_per_node > 0:
-        limits["nvidia.com/gpu"] = spec.gpus_per_node
+        limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
     result: dict[str, Any] = {}
     if requests:
         result["requests"] = requests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -103,16 +104,6 @@ class Reconciler:
     async def _apply(self, body: Mapping[str, Any], observed: JobObservation, decision: Decision) -> None:
         """Status first: a pass that dies half-way leaves a status the next pass can act on."""
         status = decision.status
-        if any(c.get("type") == "ReconcileError" and c.get("status") == "True" for c in status["conditions"]):
-            status["conditions"] = set_condition(
-                status["conditions"],
-                "ReconcileError",
-                False,
-                "Recovered",
-                "",
-                datetime.now(UTC),
-                observed.generation,
-            )
         await self._write_status(observed, status)
         for name in decision.delete_pods:
             await self.api.delete_pod(observed.namespace, name)
@@ -122,6 +113,18 @@ class Reconciler:
             uid = body.get("metadata", {}).get("uid", "")
             for child in build_gang(observed.job, uid, decision.create_attempt, self.settings):
                 await self.api.create(child)
+        if any(c.get("type") == "ReconcileError" and c.get("status") == "True" for c in status["conditions"]):
+            recovered = set_condition(
+                status["conditions"],
+                "ReconcileError",
+                False,
+                "Recovered",
+                "",
+                datetime.now(UTC),
+                observed.generation,
+            )
+            written = self._written_status.get((observed.namespace, observed.name), status)
+            await self._write_status(replace(observed, status=written), {**status, "conditions": recovered})
 
     async def _write_status(self, observed: JobObservation, status: dict[str, Any]) -> None:
         """Patches only when something changed; keys that became None are removed."""

@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
+    # In-cluster service account or kubeconfig, as the kubernetes client finds them.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     metrics = OperatorMetrics()
     start_http_server(args.metrics_port, registry=metrics.registry)
     settings = WorkerSettings(

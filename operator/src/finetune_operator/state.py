@@ -74,7 +74,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         attempt=int(labels.get(LABEL_ATTEMPT, "0")),
         phase=status.get("phase", "Pending"),
         deleting=bool(metadata.get("deletionTimestamp")),
-        started=bool(state.get("running") or terminated),
+        started="running" in state or "terminated" in state,
         ready=ready,
         exit_code=terminated.get("exitCode"),
         reason=terminated.get("reason") or status.get("reason", ""),
@@ -347,7 +347,8 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
     b.decision.all_workers_running_first_time = (
         attempt == 0 and previously_ready < nodes and b.status["workers"]["ready"] == nodes
     )
-    if by_rank[0].ready:
+    # Running once rank 0 reports; it stays so while rank 0 finishes first or its probe flaps.
+    if by_rank[0].ready or b.phase == "Running" or by_rank[0].phase == "Succeeded":
         b.move_to("Running", "training")
     else:
         b.move_to("Initializing", "all workers started; waiting for training to report progress")
