@@ -58,6 +58,9 @@ SERVER_FIELDS = ("name", "namespace", "uid", "creationTimestamp", "deletionTimes
 CONFLICT = "the object has been modified; please apply your changes to the latest version and try again"
 
 
+REQUEST_HISTORY = 64
+
+
 @attrs.define(kw_only=True)
 class KubeEmulator(kmock.KubernetesEmulator):
     """kmock's emulator with the Kubernetes semantics that kopf relies on; see the module docstring."""
@@ -70,6 +73,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _log: list[Change] = attrs.field(factory=list, init=False)
     _log_floor: int = attrs.field(default=0, init=False)  # watches from an older resourceVersion get 410
     _watchers: set[asyncio.Queue[Change | None]] = attrs.field(factory=set, init=False)
+    _request_count: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -91,11 +95,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
         watch = raw.query.get("watch") in ("true", "1")
         action = guess_action(raw.method, watch, name) if resource is not None and resource.plural else None
         request = kmock.Request(
-            id=len(self._requests), raw_request=raw, url=raw.url, method=raw.method, params=dict(raw.query),
+            id=self._request_count, raw_request=raw, url=raw.url, method=raw.method, params=dict(raw.query),
             headers=dict(raw.headers), body=body, data=data, action=action, resource=resource,
             namespace=namespace, name=name, subresource=subresource,
         )  # fmt: skip
+        self._request_count += 1
         self._requests.append(request)
+        # kmock matches every request against the whole history (quadratic in a long test); reactions
+        # only ever need the request at hand, so keep a short window.
+        del self._requests[:-REQUEST_HISTORY]
         try:
             response = await self._handle(request)
         except Exception as e:
