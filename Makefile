@@ -31,6 +31,7 @@ crd: setup
 
 demo: setup
 	$(VENV)/bin/finetune validate examples/*.yaml
+	$(VENV)/bin/finetune render examples/lora-single-node.yaml
 
 # Refreshes constraints.txt from the current environment.
 lock: setup
