@@ -16,19 +16,12 @@ from finetune_operator.validation import defaulted, parse_finetune_job
 from finetune_trainer.config import TrainerConfig, load_trainer_config
 from pydantic import ValidationError
 
+from tests.manifests import minimal_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
-BASE: dict[str, Any] = {
-    "apiVersion": "finetune.dev/v1alpha1",
-    "kind": "FinetuneJob",
-    "metadata": {"name": "job", "namespace": "team"},
-    "spec": {
-        "model": {"uri": "s3://models/base/"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/job/"},
-    },
-}
+BASE = minimal_manifest()
 
 
 def _job(**spec_overrides: Any) -> dict[str, Any]:

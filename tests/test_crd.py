@@ -13,20 +13,13 @@ from finetune_operator.naming import MAX_JOB_NAME_LENGTH, MAX_NODES, worker_name
 from finetune_operator.spec import FinetuneJob
 from finetune_operator.validation import defaulted
 
+from tests.manifests import minimal_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "crds" / "finetunejob.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
-MINIMAL = {
-    "apiVersion": "finetune.dev/v1alpha1",
-    "kind": "FinetuneJob",
-    "metadata": {"name": "minimal", "namespace": "ml"},
-    "spec": {
-        "model": {"uri": "s3://models/base/"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/minimal/"},
-    },
-}
+MINIMAL = minimal_manifest("minimal", "ml")
 
 
 @pytest.fixture(scope="module")

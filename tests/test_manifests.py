@@ -23,19 +23,11 @@ from finetune_operator.validation import parse_finetune_job
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.launch import torchrun_argv, wait_for_host
 
+from tests.manifests import minimal_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = WorkerSettings(default_image="registry.example/trainer:1")
-BASE: dict[str, Any] = {
-    "apiVersion": "finetune.dev/v1alpha1",
-    "kind": "FinetuneJob",
-    "metadata": {"name": "llm", "namespace": "team"},
-    "spec": {
-        "model": {"uri": "s3://models/base/"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/llm/"},
-        "resources": {"nodes": 3, "gpusPerNode": 8, "cpu": "32", "memory": "512Gi"},
-    },
-}
+BASE = minimal_manifest("llm", resources={"nodes": 3, "gpusPerNode": 8, "cpu": "32", "memory": "512Gi"})
 
 
 def _gang(**resources: Any) -> list[dict[str, Any]]:

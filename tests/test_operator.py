@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,30 +25,21 @@ from tests.kube import pods as kubelet
 from tests.kube.emulator import KubeEmulator
 from tests.kube.fixtures import emulated_cluster, running_operator
 from tests.kube.semantics import FINETUNEJOBS
+from tests.manifests import minimal_manifest
 
 pytestmark = pytest.mark.asyncio
 
 NS = "ml"
-MANIFEST: dict[str, Any] = {
-    "apiVersion": "finetune.dev/v1alpha1",
-    "kind": "FinetuneJob",
-    "metadata": {"name": "llm"},
-    "spec": {
-        "model": {"uri": "s3://models/base/"},
-        "dataset": {"train": "s3://data/train.jsonl", "evalSplit": 0.1},
-        "output": {"uri": "s3://out/llm/"},
-        "resources": {"nodes": 2, "gpusPerNode": 1},
-        "storage": {"credentialsSecret": "s3-creds"},
-    },
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "dataset": {"evalSplit": 0.1},
+    "resources": {"nodes": 2, "gpusPerNode": 1},
+    "storage": {"credentialsSecret": "s3-creds"},
 }
 
 
-def manifest(name: str = "llm", **spec: Any) -> dict[str, Any]:
-    body = copy.deepcopy(MANIFEST)
-    body["metadata"]["name"] = name
-    for section, values in spec.items():
-        body["spec"][section] = {**body["spec"].get(section, {}), **values}
-    return body
+def manifest(name: str = "llm", **spec: dict[str, Any]) -> dict[str, Any]:
+    sections = {key: {**DEFAULTS.get(key, {}), **spec.get(key, {})} for key in {*DEFAULTS, *spec}}
+    return minimal_manifest(name, None, **sections)
 
 
 @contextlib.asynccontextmanager

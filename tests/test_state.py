@@ -19,20 +19,11 @@ from finetune_operator.state import (
 from finetune_operator.validation import parse_finetune_job
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
 
+from tests.manifests import minimal_manifest
+
 NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 CREATED = NOW - timedelta(minutes=10)
-MANIFEST: dict[str, Any] = {
-    "apiVersion": "finetune.dev/v1alpha1",
-    "kind": "FinetuneJob",
-    "metadata": {"name": "job", "namespace": "team"},
-    "spec": {
-        "model": {"uri": "s3://models/base/"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://out/job/"},
-        "resources": {"nodes": 2, "gpusPerNode": 1},
-        "runPolicy": {"backoffLimit": 2},
-    },
-}
+MANIFEST = minimal_manifest(resources={"nodes": 2, "gpusPerNode": 1}, runPolicy={"backoffLimit": 2})
 
 
 def ts(moment: datetime) -> str:
