@@ -3,18 +3,22 @@
 The operator sets NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT and FINETUNE_CONFIG.
 Workers that start before worker 0 has an address would otherwise die on "host not found"; the
 headless Service publishes not-ready pods, so the name appears as soon as worker 0 is scheduled.
-No ssh and no shell: torchrun's static rendezvous on worker 0, started with an argv list.
+No ssh and no shell: torchrun's static rendezvous on worker 0, started with an argv list, as a
+child so that the reserved non-retryable exit code survives torchrun (which reports 1 for any
+failed rank).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary, parse_termination_message
 
 DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 1800
 
@@ -95,9 +99,29 @@ def main() -> int:
         return _fail(
             f"worker 0 ({env['MASTER_ADDR']}) did not resolve within {timeout:.0f}s", termination_log
         )
-    argv = torchrun_argv(env)
-    os.execv(argv[0], argv)
-    return 0  # not reached: execv replaces this process
+    return run_torchrun(torchrun_argv(env), termination_log)
+
+
+def run_torchrun(argv: list[str], termination_log: str) -> int:
+    """Runs torchrun, passing SIGTERM on, and returns the pod's exit code.
+
+    torchrun reports any failed rank as exit 1, which would hide the trainer's reserved code; the
+    summary local rank 0 wrote says whether the failure can be retried.
+    """
+    child = subprocess.Popen(argv)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: child.send_signal(received))
+    code = child.wait()
+    if code == 0:
+        return 0
+    try:
+        with open(termination_log, encoding="utf-8") as log:
+            summary = parse_termination_message(log.read())
+    except OSError:
+        summary = None
+    if summary is not None and not summary.retryable:
+        return NON_RETRYABLE_EXIT_CODE
+    return code if code > 0 else 128 - code
 
 
 if __name__ == "__main__":

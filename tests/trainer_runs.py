@@ -1,0 +1,137 @@
+"""Runs the real trainer the way a worker pod does (the launcher, torchrun, DeepSpeed on gloo) against
+an S3 server on loopback, with a tiny model and dataset made in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from finetune_operator.resolve import resolve_trainer_config
+from finetune_operator.validation import parse_finetune_job
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.summary import TerminationSummary, parse_termination_message
+from finetune_trainer.tiny import build_tiny_model, demo_rows
+
+from tests.manifests import minimal_manifest
+from tests.s3server import REGION, s3_env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def s3_client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def upload_tree(endpoint: str, directory: Path, bucket: str, prefix: str) -> None:
+    client = s3_client(endpoint)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(directory).as_posix()}")
+
+
+def put_jsonl(endpoint: str, bucket: str, key: str, rows: list[dict[str, Any]]) -> None:
+    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def seed_store(endpoint: str, workdir: Path, bucket: str = "finetune") -> None:
+    """A bucket with the tiny model (models/tiny/) and a memorisable chat dataset (data/chat.jsonl)."""
+    client = s3_client(endpoint)
+    client.create_bucket(Bucket=bucket)
+    model_dir = build_tiny_model(workdir / "tiny-model")
+    upload_tree(endpoint, model_dir, bucket, "models/tiny")
+    put_jsonl(endpoint, bucket, "data/chat.jsonl", demo_rows(64))
+
+
+def trainer_config(
+    endpoint: str, name: str = "job", bucket: str = "finetune", **spec: dict[str, Any]
+) -> TrainerConfig:
+    """The configuration the operator would write for a small CPU job on the seeded store."""
+    sections: dict[str, dict[str, Any]] = {
+        "model": {"uri": f"s3://{bucket}/models/tiny/"},
+        "dataset": {"train": f"s3://{bucket}/data/chat.jsonl", "maxSeqLength": 64},
+        "hyperparameters": {
+            "maxSteps": 6,
+            "batchSizePerDevice": 4,
+            "learningRate": 3e-3,
+            "precision": "fp32",
+        },
+        "resources": {"nodes": 1, "gpusPerNode": 0},
+        "storage": {"endpoint": endpoint, "region": REGION},
+        "output": {"uri": f"s3://{bucket}/out/{name}/", "checkpointEverySteps": 3},
+    }
+    for section, values in spec.items():
+        sections[section] = {**sections.get(section, {}), **values}
+    job = parse_finetune_job(minimal_manifest(name, **sections))
+    return resolve_trainer_config(job)
+
+
+@dataclass
+class Run:
+    code: int
+    summary: TerminationSummary | None
+    log: str
+
+
+def start_trainer(
+    config: TrainerConfig, workdir: Path, endpoint: str, processes: int
+) -> tuple[subprocess.Popen[str], Path]:
+    """Starts `python -m finetune_trainer.launch` as a pod would, with `processes` local ranks."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(
+        update={"reporting": config.reporting.model_copy(update={"progress_port": free_port()})}
+    )
+    config_file = workdir / "config.json"
+    config_file.write_text(config.to_json())
+    termination = workdir / "termination-log"
+    termination.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        **s3_env(endpoint),
+        "NNODES": "1",
+        "NODE_RANK": "0",
+        "NPROC_PER_NODE": str(processes),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "FINETUNE_CONFIG": str(config_file),
+        "TERMINATION_MESSAGE_PATH": str(termination),
+        "FINETUNE_WORKSPACE": str(workdir / "workspace"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = (workdir / "trainer.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer.launch"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return process, termination
+
+
+def run_trainer(
+    config: TrainerConfig, workdir: Path, endpoint: str, processes: int = 2, timeout: float = 300
+) -> Run:
+    process, termination = start_trainer(config, workdir, endpoint, processes)
+    code = process.wait(timeout)
+    text = termination.read_text() if termination.exists() else None
+    return Run(code, parse_termination_message(text), (workdir / "trainer.log").read_text())

@@ -1,0 +1,79 @@
+"""``python -m finetune_trainer --config FILE``: one rank of a fine-tuning run.
+
+Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint: the operator decides what
+follows), NON_RETRYABLE_EXIT_CODE for errors no restart can fix, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+
+from finetune_trainer.config import load_trainer_config
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
+
+logger = logging.getLogger("finetune_trainer")
+
+
+def _configure_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer")
+    parser.add_argument("--config", required=True, help="the trainer configuration (JSON) the operator wrote")
+    args = parser.parse_args(argv)
+    _configure_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        config = load_trainer_config(args.config)
+    except (OSError, ValueError) as error:
+        return _finish(
+            None, TerminationSummary(outcome="failed", retryable=False, error=f"bad configuration: {error}")
+        )
+    # Imported here: the heavy stack (torch, deepspeed) loads only once the configuration is valid.
+    from finetune_trainer.errors import NonRetryableError
+    from finetune_trainer.recipe import NonRetryableFailures, train
+
+    try:
+        result = train(config, stop.is_set)
+    except NonRetryableFailures as error:
+        logger.error("%s", error)
+        message = str(error) if isinstance(error, NonRetryableError) else f"{type(error).__name__}: {error}"
+        return _finish(config, TerminationSummary(outcome="failed", retryable=False, error=message))
+    except Exception as error:
+        logger.error("training failed:\n%s", traceback.format_exc())
+        return _finish(config, TerminationSummary(outcome="failed", error=f"{type(error).__name__}: {error}"))
+    summary = TerminationSummary(
+        outcome=result.outcome, metrics=result.metrics, output_model=result.output_model, step=result.step
+    )
+    return _finish(config, summary)
+
+
+def _finish(config: object, summary: TerminationSummary) -> int:
+    """Local rank 0 leaves the node's summary in the termination-message file for the operator."""
+    from finetune_trainer.reporting import write_termination_message
+
+    path = getattr(getattr(config, "reporting", None), "termination_message_path", None)
+    path = os.environ.get("TERMINATION_MESSAGE_PATH", path or "/dev/termination-log")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        write_termination_message(path, summary)
+    if summary.outcome == "failed":
+        return 1 if summary.retryable else NON_RETRYABLE_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The DeepSpeed configuration of a run, generated from the trainer configuration.
+
+``deepspeed.config`` from the FinetuneJob is merged last, key by key, so that users can tune any
+DeepSpeed setting without the operator having to know it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_trainer.config import TrainerConfig
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested mappings merge, everything else in ``overrides`` replaces."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
+    hp = config.hyperparameters
+    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.zero_stage >= 2:
+        zero |= {"overlap_comm": config.distributed.uses_gpus, "contiguous_gradients": True}
+    if config.deepspeed.zero_stage == 3:
+        # Without it, ZeRO-3 saves an empty LoRA adapter (peft#453) and no loadable full model.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if config.deepspeed.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.distributed.uses_gpus}
+        if config.deepspeed.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": config.distributed.uses_gpus}
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": hp.batch_size_per_device,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "train_batch_size": hp.batch_size_per_device * hp.gradient_accumulation_steps * world_size,
+        "gradient_clipping": hp.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": hp.precision == "bf16"},
+        "fp16": {"enabled": hp.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # the trainer reports progress itself
+        "wall_clock_breakdown": False,
+    }
+    if config.deepspeed.offload == "cpu":
+        # ZeRO-Offload needs DeepSpeed's own CPU Adam; otherwise the trainer passes a torch optimizer.
+        generated["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": [0.9, 0.999]},
+        }
+    return merge(generated, config.deepspeed.overrides)

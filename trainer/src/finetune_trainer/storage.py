@@ -1,0 +1,350 @@
+"""The trainer's only door to S3 and S3-compatible stores (MinIO, Ceph): models, datasets, checkpoints.
+
+Credentials never pass through here: boto3's default chain finds them in the environment (the job's
+credentials Secret) or through workload identity (IRSA / web identity). Every failure surfaces as a
+:class:`StorageError` that names the URI and says what to fix, so the trainer can tell a job that
+cannot succeed (a missing object, a refused credential) from one worth restarting. Imports neither
+torch nor anything else heavy: the launcher and tests use it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from s3transfer.exceptions import RetriesExceededError
+from s3transfer.futures import TransferFuture
+
+if TYPE_CHECKING:
+    from finetune_trainer.config import StorageConfig
+
+MIB = 1024 * 1024
+HASH_CHUNK_BYTES = MIB
+# S3 refuses multipart parts under 5 MiB (all but the last) and more than 1000 keys per DeleteObjects.
+MIN_PART_MB = 5
+DELETE_BATCH = 1000
+
+_URI = re.compile(r"s3://(?P<bucket>[^/\s]+)(?:/(?P<key>.*))?", re.DOTALL)
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+_DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+_CREDENTIALS_HINT = "check the credentials Secret or the workload identity role"
+
+
+class StorageError(Exception):
+    """Any storage failure; ``message`` is fit for users (no credentials) and names ``uri`` when known."""
+
+    def __init__(self, message: str, uri: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.uri = uri
+
+
+class ObjectNotFoundError(StorageError):
+    """A missing object, prefix or bucket: the job cannot succeed by retrying."""
+
+
+class AccessDeniedError(StorageError):
+    """Refused or missing credentials: a configuration error, not a transient one."""
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``("bucket", "key")``; the key is "" for a bucket's root."""
+    match = _URI.fullmatch(uri)
+    if match is None:
+        raise ValueError(f"{uri!r} is not an S3 URI of the form s3://bucket/key")
+    return match["bucket"], match["key"] or ""
+
+
+def join_uri(prefix: str, *parts: str) -> str:
+    """Joins URI parts with single slashes; a trailing slash on the last argument is kept."""
+    parse_s3_uri(prefix)
+    pieces = [piece.strip("/") for piece in parts]
+    joined = "/".join([prefix.rstrip("/"), *(piece for piece in pieces if piece)])
+    return joined + "/" if (parts[-1] if parts else prefix).endswith("/") else joined
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str  # posix, relative to the uploaded or downloaded root
+    size: int
+    sha256: str  # "" where unknown (listings)
+
+
+def _as_directory(key: str) -> str:
+    """A prefix that matches only inside the "directory": ``model`` must not match ``model-v2/``."""
+    return key if not key or key.endswith("/") else key + "/"
+
+
+def _uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def _safe_relative(relative: str, uri: str) -> PurePosixPath:
+    """Refuses keys that do not map one-to-one onto a path inside the destination (``..``, ``//``)."""
+    if any(segment in ("", ".", "..") for segment in relative.split("/")):
+        raise StorageError(f"{uri} cannot be downloaded: its key is not a safe relative path", uri=uri)
+    return PurePosixPath(relative)
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a local file, read in 1 MiB chunks so a 10 GB shard needs no 10 GB of RAM."""
+    sha = hashlib.sha256()
+    size = 0
+    with path.open("rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _error(uri: str, code: str, status: int | None, detail: str) -> StorageError:
+    """The user-facing error for an S3 error code; the server's own text only for unexpected ones."""
+    if code in _NOT_FOUND_CODES or status == 404:
+        if code == "NoSuchBucket":
+            return ObjectNotFoundError(f"{uri} does not exist (no bucket {parse_s3_uri(uri)[0]!r})", uri=uri)
+        return ObjectNotFoundError(f"{uri} does not exist", uri=uri)
+    if code in _DENIED_CODES or status == 403:
+        return AccessDeniedError(f"access to {uri} denied ({code}): {_CREDENTIALS_HINT}", uri=uri)
+    return StorageError(f"S3 request for {uri} failed: {detail}", uri=uri)
+
+
+def _translate(error: Exception, uri: str) -> StorageError:
+    if isinstance(error, NoCredentialsError | PartialCredentialsError):
+        return AccessDeniedError(
+            f"access to {uri} denied: no usable S3 credentials found; {_CREDENTIALS_HINT}", uri=uri
+        )
+    if isinstance(error, ClientError):
+        details: dict[str, Any] = error.response.get("Error", {})
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _error(uri, str(details.get("Code", "")), status, str(error))
+    return StorageError(f"S3 request for {uri} failed: {error}", uri=uri)
+
+
+_STORAGE_ERRORS = (BotoCoreError, ClientError, RetriesExceededError)
+
+
+def _wait(transfer: TransferFuture, uri: str) -> None:
+    """Waits for one transfer; a failure leaves the manager's ``with``, which cancels the others."""
+    try:
+        transfer.result()
+    except _STORAGE_ERRORS as error:
+        raise _translate(error, uri) from error
+
+
+class ObjectStore:
+    """One S3 client and a boto3 ``TransferConfig`` shared by every transfer of a process.
+
+    Transfers go through boto3's classic (thread-based) transfer manager: objects at or above
+    ``multipart_chunk_mb`` MiB move as parallel parts of that size (AWS advises 8-16 MB ranges), and at
+    most ``max_concurrency`` requests are in flight at once, across all the files of one call.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        region: str | None = None,
+        *,
+        retry_mode: str = "adaptive",
+        max_attempts: int = 10,
+        max_concurrency: int = 16,
+        multipart_chunk_mb: int = 16,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        if multipart_chunk_mb < MIN_PART_MB:
+            raise ValueError(f"multipart_chunk_mb must be at least {MIN_PART_MB}, not {multipart_chunk_mb}")
+        options: dict[str, Any] = {}
+        if endpoint:
+            # MinIO and Ceph want path-style URLs and most predate boto3 1.36's default CRC checksums on
+            # every request, which they reject; "when_required" keeps checksums where S3 demands them.
+            options = {
+                "s3": {"addressing_style": "path"},
+                "request_checksum_calculation": "when_required",
+                "response_checksum_validation": "when_required",
+            }
+        config = Config(
+            retries={"mode": retry_mode, "max_attempts": max_attempts},
+            max_pool_connections=max_concurrency,
+            **options,
+        )
+        self._client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint or None, region_name=region or None, config=config
+        )
+        self._max_concurrency = max_concurrency
+        self._transfer_config = TransferConfig(
+            multipart_threshold=multipart_chunk_mb * MIB,
+            multipart_chunksize=multipart_chunk_mb * MIB,
+            max_concurrency=max_concurrency,
+            # The CRT client ignores these limits and is only picked when awscrt happens to be installed.
+            preferred_transfer_client="classic",
+        )
+
+    @classmethod
+    def from_config(cls, storage: StorageConfig) -> ObjectStore:
+        return cls(endpoint=storage.endpoint, region=storage.region)
+
+    def exists(self, uri: str) -> bool:
+        """True for an object at ``uri`` or for a prefix with at least one object under it."""
+        bucket, key = parse_s3_uri(uri)
+        try:
+            if key and not key.endswith("/"):
+                try:
+                    self._client.head_object(Bucket=bucket, Key=key)
+                    return True
+                except ClientError as error:
+                    if not isinstance(_translate(error, uri), ObjectNotFoundError):
+                        raise
+            listing = self._client.list_objects_v2(Bucket=bucket, Prefix=_as_directory(key), MaxKeys=1)
+            return listing.get("KeyCount", 0) > 0
+        except _STORAGE_ERRORS as error:
+            translated = _translate(error, uri)
+            if isinstance(translated, ObjectNotFoundError):
+                return False
+            raise translated from error
+
+    def get_bytes(self, uri: str) -> bytes:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except _STORAGE_ERRORS as error:
+            raise _translate(error, uri) from error
+
+    def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+        except _STORAGE_ERRORS as error:
+            raise _translate(error, uri) from error
+
+    def download_file(self, uri: str, destination: Path) -> Path:
+        bucket, key = parse_s3_uri(uri)
+        self._download(bucket, [(key, PurePosixPath(destination.name), destination)])
+        return destination
+
+    def download_prefix(self, uri: str, destination: Path) -> list[StoredFile]:
+        """Every object under the prefix into ``destination``, keeping relative paths; markers skipped."""
+        bucket, key = parse_s3_uri(uri)
+        prefix = _as_directory(key)
+        jobs = []
+        for obj in self._objects(bucket, prefix, uri):
+            relative = _safe_relative(obj["Key"][len(prefix) :], _uri(bucket, obj["Key"]))
+            jobs.append((obj["Key"], relative, destination.joinpath(relative)))
+        if not jobs:
+            raise ObjectNotFoundError(f"{uri} does not exist (no objects under it)", uri=uri)
+        return self._download(bucket, jobs)
+
+    def upload_file(self, source: Path, uri: str) -> StoredFile:
+        bucket, key = parse_s3_uri(uri)
+        return self._upload(bucket, [(source, PurePosixPath(source.name), key)])[0]
+
+    def upload_directory(self, source: Path, uri: str) -> list[StoredFile]:
+        """Every file under ``source`` to the prefix, keeping relative paths; returns what was sent."""
+        if not source.is_dir():
+            raise NotADirectoryError(f"{source} is not a directory")
+        bucket, key = parse_s3_uri(uri)
+        prefix = _as_directory(key)
+        jobs = []
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                relative = PurePosixPath(path.relative_to(source).as_posix())
+                jobs.append((path, relative, prefix + str(relative)))
+        return self._upload(bucket, jobs)
+
+    def list_files(self, uri: str) -> list[StoredFile]:
+        """Objects under a prefix (no directory markers), relative to it; sha256 is unknown ("")."""
+        bucket, key = parse_s3_uri(uri)
+        prefix = _as_directory(key)
+        return [
+            StoredFile(obj["Key"][len(prefix) :], obj["Size"], "")
+            for obj in self._objects(bucket, prefix, uri)
+        ]
+
+    def list_subprefixes(self, uri: str) -> list[str]:
+        """The immediate "sub-directories" of a prefix, as ``s3://bucket/prefix/name/`` URIs."""
+        bucket, key = parse_s3_uri(uri)
+        pages = self._pages(bucket, _as_directory(key), uri, Delimiter="/")
+        return [_uri(bucket, common["Prefix"]) for page in pages for common in page.get("CommonPrefixes", [])]
+
+    def delete_prefix(self, uri: str) -> int:
+        """Deletes every object under the prefix, markers included; returns how many there were.
+
+        A bucket's root is refused: one wrong join must not empty a bucket of other jobs' models.
+        """
+        bucket, key = parse_s3_uri(uri)
+        if not key.strip("/"):
+            raise ValueError(f"refusing to delete every object in bucket {bucket!r} ({uri})")
+        # Listed in full before deleting: some stores' continuation tokens shift when keys vanish.
+        keys = [
+            obj["Key"]
+            for page in self._pages(bucket, _as_directory(key), uri)
+            for obj in page.get("Contents", [])
+        ]
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            try:
+                response = self._client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            except _STORAGE_ERRORS as error:
+                raise _translate(error, uri) from error
+            for failure in response.get("Errors", []):
+                failed = _uri(bucket, failure.get("Key", ""))
+                code = str(failure.get("Code", ""))
+                raise _error(
+                    failed, code, None, f"could not delete it ({code}: {failure.get('Message', '')})"
+                )
+        return len(keys)
+
+    def _pages(self, bucket: str, prefix: str, uri: str, **arguments: str) -> Iterator[dict[str, Any]]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            yield from paginator.paginate(Bucket=bucket, Prefix=prefix, **arguments)
+        except _STORAGE_ERRORS as error:
+            raise _translate(error, uri) from error
+
+    def _objects(self, bucket: str, prefix: str, uri: str) -> Iterator[dict[str, Any]]:
+        """Objects under ``prefix``, without the zero-byte "directory" markers consoles create."""
+        for page in self._pages(bucket, prefix, uri):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    yield obj
+
+    def _download(self, bucket: str, jobs: list[tuple[str, PurePosixPath, Path]]) -> list[StoredFile]:
+        """Downloads (key, relative, target) in parallel, hashing each file as soon as it has arrived."""
+        for _, _, target in jobs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        digests: list[Future[tuple[int, str]]] = []
+        with (
+            create_transfer_manager(self._client, self._transfer_config) as manager,
+            ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="sha256") as hashers,
+        ):
+            transfers = [manager.download(bucket, key, str(target)) for key, _, target in jobs]
+            for (key, _, target), transfer in zip(jobs, transfers, strict=True):
+                _wait(transfer, _uri(bucket, key))
+                digests.append(hashers.submit(_digest, target))
+        return [
+            StoredFile(str(relative), *d.result()) for (_, relative, _), d in zip(jobs, digests, strict=True)
+        ]
+
+    def _upload(self, bucket: str, jobs: list[tuple[Path, PurePosixPath, str]]) -> list[StoredFile]:
+        """Uploads (source, relative, key) in parallel while a thread pool hashes the same files."""
+        with (
+            create_transfer_manager(self._client, self._transfer_config) as manager,
+            ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="sha256") as hashers,
+        ):
+            digests = [hashers.submit(_digest, source) for source, _, _ in jobs]
+            transfers = [manager.upload(str(source), bucket, key) for source, _, key in jobs]
+            for (_, _, key), transfer in zip(jobs, transfers, strict=True):
+                _wait(transfer, _uri(bucket, key))
+        return [
+            StoredFile(str(relative), *d.result()) for (_, relative, _), d in zip(jobs, digests, strict=True)
+        ]
