@@ -118,12 +118,14 @@ def start_trainer(
         "PYTHONUNBUFFERED": "1",
     }
     log = (workdir / "trainer.log").open("w")
+    # Its own process group, like a pod's container: killing the group kills torchrun and every rank.
     process = subprocess.Popen(
         [sys.executable, "-m", "finetune_trainer.launch"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     return process, termination
 

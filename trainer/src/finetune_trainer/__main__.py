@@ -1,7 +1,7 @@
 """``python -m finetune_trainer --config FILE``: one rank of a fine-tuning run.
 
-Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint: the operator decides what
-follows), NON_RETRYABLE_EXIT_CODE for errors no restart can fix, 1 for anything else.
+Exit codes: 0 done, STOPPED_EXIT_CODE when SIGTERM stopped it after a checkpoint,
+NON_RETRYABLE_EXIT_CODE for errors no restart can fix, 1 for anything else.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 
 from finetune_trainer.config import load_trainer_config
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
 
 logger = logging.getLogger("finetune_trainer")
 
@@ -72,7 +72,7 @@ def _finish(config: object, summary: TerminationSummary) -> int:
         write_termination_message(path, summary)
     if summary.outcome == "failed":
         return 1 if summary.retryable else NON_RETRYABLE_EXIT_CODE
-    return 0
+    return STOPPED_EXIT_CODE if summary.outcome == "stopped" else 0
 
 
 if __name__ == "__main__":

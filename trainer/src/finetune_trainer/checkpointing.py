@@ -106,6 +106,7 @@ class Checkpointer:
         started = time.monotonic()
         tag = f"step-{step}"
         engine.save_checkpoint(str(self.local_root), tag=tag, client_state=client_state)
+        dist.barrier()  # every rank's shard is on disk before its node uploads the directory
         waited = time.monotonic() - started
         thread = None
         if self.local_rank == 0:
@@ -200,6 +201,7 @@ class Checkpointer:
         _, client_state = engine.load_checkpoint(
             str(self.local_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
+        dist.barrier()  # every rank has read the files before they are removed
         if self.local_rank == 0:
             shutil.rmtree(self.local_root / tag, ignore_errors=True)
         newest_first = find_complete(self.store, self.output_uri) if self.rank == 0 else []

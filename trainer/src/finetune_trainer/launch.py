@@ -10,6 +10,7 @@ failed rank).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,8 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary, parse_termination_message
+from finetune_trainer.summary import (
+    NON_RETRYABLE_EXIT_CODE,
+    STOPPED_EXIT_CODE,
+    TerminationSummary,
+    parse_termination_message,
+)
 
 DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 1800
 
@@ -103,25 +110,59 @@ def main() -> int:
 
 
 def run_torchrun(argv: list[str], termination_log: str) -> int:
-    """Runs torchrun, passing SIGTERM on, and returns the pod's exit code.
+    """Runs torchrun with SIGTERM going straight to the trainer ranks, and returns the pod's exit code.
 
-    torchrun reports any failed rank as exit 1, which would hide the trainer's reserved code; the
-    summary local rank 0 wrote says whether the failure can be retried.
+    torchrun would answer SIGTERM by killing its ranks 30 seconds later; the ranks need the pod's
+    whole grace period to finish a checkpoint. So torchrun ignores SIGTERM (an ignored signal stays
+    ignored across exec, and TORCHELASTIC_SIGNALS_TO_HANDLE keeps it from installing a handler), and
+    the launcher passes SIGTERM to torchrun's descendants, where each rank's own handler catches it.
+    torchrun also reports any failed rank as exit 1, which would hide the reserved code; the summary
+    local rank 0 wrote says what happened.
     """
-    child = subprocess.Popen(argv)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda received, _frame: child.send_signal(received))
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen(argv, env=env)
+    signal.signal(signal.SIGTERM, previous)
+
+    def forward(_signum: int, _frame: object) -> None:
+        for pid in descendants(child.pid):  # the ranks (torchrun starts each in a session of its own)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
     code = child.wait()
-    if code == 0:
-        return 0
     try:
         with open(termination_log, encoding="utf-8") as log:
             summary = parse_termination_message(log.read())
     except OSError:
         summary = None
+    return exit_code(code, summary)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (Linux): torchrun's ranks and whatever they started."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found += children
+        frontier += children
+    return found
+
+
+def exit_code(torchrun_code: int, summary: TerminationSummary | None) -> int:
+    """The pod's exit code from torchrun's and the summary of local rank 0."""
+    if summary is not None and summary.outcome == "stopped":
+        return STOPPED_EXIT_CODE
+    if torchrun_code == 0:
+        return 0
     if summary is not None and not summary.retryable:
         return NON_RETRYABLE_EXIT_CODE
-    return code if code > 0 else 128 - code
+    return torchrun_code if torchrun_code > 0 else 128 - torchrun_code
 
 
 if __name__ == "__main__":

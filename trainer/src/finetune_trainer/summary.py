@@ -18,6 +18,10 @@ from pydantic.alias_generators import to_camel
 # retryable. 78 is EX_CONFIG in sysexits.h.
 NON_RETRYABLE_EXIT_CODE = 78
 
+# A run stopped by SIGTERM after saving a checkpoint: not done, so never 0 (a pod that exits 0 reads
+# as finished); any other non-zero code is retryable. 143 is the shell's 128 + SIGTERM.
+STOPPED_EXIT_CODE = 143
+
 TERMINATION_MESSAGE_LIMIT = 4096
 
 

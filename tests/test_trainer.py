@@ -1,0 +1,300 @@
+"""The trainer as a worker pod runs it: launcher, torchrun, DeepSpeed on gloo, S3 on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from finetune_trainer.launch import descendants
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, parse_termination_message
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.s3server import S3Server, s3_server
+from tests.trainer_runs import (
+    Run,
+    put_jsonl,
+    run_trainer,
+    s3_client,
+    seed_store,
+    start_trainer,
+    trainer_config,
+)
+
+BUCKET = "finetune"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, Path]]:
+    workdir = tmp_path_factory.mktemp("store")
+    with s3_server() as server:
+        seed_store(server.endpoint, workdir, BUCKET)
+        yield server, workdir / "tiny-model"
+
+
+def keys(server: S3Server, prefix: str) -> list[str]:
+    pages = s3_client(server.endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def get_json(server: S3Server, key: str) -> Any:
+    return json.loads(s3_client(server.endpoint).get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def download(server: S3Server, prefix: str, target: Path) -> Path:
+    client = s3_client(server.endpoint)
+    for key in keys(server, prefix):
+        path = target / key[len(prefix) :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(BUCKET, key, str(path))
+    return target
+
+
+def succeeded(run: Run) -> None:
+    assert run.code == 0, run.log[-4000:]
+    assert run.summary is not None and run.summary.outcome == "succeeded"
+
+
+def generate(model: Any, tokenizer: Any) -> str:
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return tokenizer.decode(output[0][inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_on_two_ranks_writes_a_loadable_adapter_and_its_metrics(
+    store: tuple[S3Server, Path], tmp_path: Path, zero_stage: int
+) -> None:
+    server, base_model = store
+    name = f"lora-zero{zero_stage}"
+    config = trainer_config(
+        server.endpoint,
+        name,
+        dataset={"evalSplit": 0.25},
+        deepspeed={"zeroStage": zero_stage},
+        evaluation={"everySteps": 3},
+        output={"checkpointEverySteps": 2, "keepCheckpoints": 1},
+    )
+    run = run_trainer(config, tmp_path, server.endpoint, processes=2)
+    succeeded(run)
+    output = f"out/{name}/"
+    assert run.summary.output_model == f"s3://{BUCKET}/{output}model/"
+    assert {"evalLoss", "perplexity", "tokenAccuracy", "trainLoss"} <= run.summary.metrics.keys()
+
+    metrics = get_json(server, f"{output}metrics.json")
+    assert metrics["final"] == run.summary.metrics
+    assert [e["step"] for e in metrics["history"] if "evalLoss" in e] == [3, 6]
+    assert all("trainLoss" in e for e in metrics["history"] if "evalLoss" not in e)
+    assert get_json(server, f"{output}config.json") == json.loads(config.to_json()) | {
+        "reporting": get_json(server, f"{output}config.json")["reporting"]
+    }
+    card = (
+        s3_client(server.endpoint).get_object(Bucket=BUCKET, Key=f"{output}README.md")["Body"].read().decode()
+    )
+    assert f"s3://{BUCKET}/models/tiny/" in card and "evalLoss" in card
+
+    # keepCheckpoints 1: only the newest complete checkpoint (step 4) remains, with its manifest.
+    checkpoint_keys = keys(server, f"{output}checkpoints/")
+    assert {k.split("/")[3] for k in checkpoint_keys} == {"step-4"}
+    manifest = get_json(server, f"{output}checkpoints/step-4/manifest.json")
+    assert manifest["worldSize"] == 2 and manifest["files"]
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"])
+
+    adapter_dir = download(server, f"{output}model/", tmp_path / "adapter")
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())  # ZeRO-3 must not save an empty adapter
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), adapter_dir)
+    assert isinstance(generate(model, tokenizer), str)
+
+
+def test_full_fine_tune_on_one_rank_memorises_and_reloads(
+    store: tuple[S3Server, Path], tmp_path: Path
+) -> None:
+    server, _ = store
+    config = trainer_config(
+        server.endpoint,
+        "full",
+        method={"type": "full"},
+        hyperparameters={"maxSteps": 30, "learningRate": 5e-3, "warmupRatio": 0.0},
+        output={"checkpointEverySteps": 100},
+    )
+    run = run_trainer(config, tmp_path, server.endpoint, processes=1)
+    succeeded(run)
+    history = [
+        e["trainLoss"] for e in get_json(server, "out/full/metrics.json")["history"] if "trainLoss" in e
+    ]
+    assert history[-1] < history[0] * 0.7, history  # a memorisable dataset: the loss falls
+    model_dir = download(server, "out/full/model/", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    answer = generate(model, AutoTokenizer.from_pretrained(model_dir))
+    assert "Paris" in answer or len(answer) > 0
+
+
+def _classification_rows(count: int) -> list[dict[str, Any]]:
+    topics = {
+        "billing": "my invoice is wrong and I was charged twice",
+        "technical": "the app crashes when I open the settings page",
+    }
+    return [{"body": f"{text} ({i})", "queue": label} for i in range(count) for label, text in topics.items()]
+
+
+def test_freeze_classification_reports_label_metrics_and_trains_only_the_top(
+    store: tuple[S3Server, Path], tmp_path: Path
+) -> None:
+    server, base_model = store
+    put_jsonl(server.endpoint, BUCKET, "data/tickets.jsonl", _classification_rows(24))
+    config = trainer_config(
+        server.endpoint,
+        "router",
+        dataset={
+            "train": f"s3://{BUCKET}/data/tickets.jsonl",
+            "format": "classification",
+            "columns": {"text": "body", "label": "queue"},
+            "evalSplit": 0.25,
+        },
+        method={"type": "freeze", "freeze": {"trainableLayers": 1}},
+        hyperparameters={"maxSteps": 8, "learningRate": 5e-3},
+        evaluation={"everySteps": 4},
+        output={"checkpointEverySteps": 100},
+    )
+    run = run_trainer(config, tmp_path, server.endpoint, processes=2)
+    succeeded(run)
+    assert {"accuracy", "precision", "recall", "f1"} <= run.summary.metrics.keys()
+    assert 0.0 <= run.summary.metrics["f1"] <= 1.0
+    tuned = load_file(download(server, "out/router/model/", tmp_path / "model") / "model.safetensors")
+    base = load_file(base_model / "model.safetensors")
+    assert torch.equal(tuned["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        tuned["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"]
+    )
+
+
+def _wait_for_checkpoint(server: S3Server, output: str, timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [k for k in keys(server, f"{output}checkpoints/") if k.endswith("manifest.json")]
+        if done:
+            return max(int(k.split("/")[3].removeprefix("step-")) for k in done)
+        time.sleep(0.2)
+    raise AssertionError("no complete checkpoint appeared")
+
+
+def test_resume_after_sigkill_continues_from_the_newest_complete_checkpoint(
+    store: tuple[S3Server, Path], tmp_path: Path
+) -> None:
+    server, _ = store
+    output = "out/resume/"
+    config = trainer_config(
+        server.endpoint,
+        "resume",
+        # 400 steps log every 10th; a checkpoint every 12 holds a history that starts before it.
+        hyperparameters={"maxSteps": 400, "warmupRatio": 0.0},
+        output={"checkpointEverySteps": 12, "keepCheckpoints": 2},
+    )
+    process, _ = start_trainer(config, tmp_path / "first", server.endpoint, processes=2)
+    try:
+        saved = _wait_for_checkpoint(server, output)
+    finally:
+        for pid in [*descendants(process.pid), process.pid]:  # the whole pod dies at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(30)
+    # A newer checkpoint without a manifest (an upload that never finished) must be skipped.
+    s3_client(server.endpoint).put_object(
+        Bucket=BUCKET, Key=f"{output}checkpoints/step-9999/junk.pt", Body=b"x"
+    )
+    newest = max(
+        int(k.split("/")[3].removeprefix("step-"))
+        for k in keys(server, f"{output}checkpoints/")
+        if k.endswith("manifest.json")
+    )
+    assert newest >= saved
+    second = config.model_copy(
+        update={"hyperparameters": config.hyperparameters.model_copy(update={"max_steps": newest + 4})}
+    )
+    run = run_trainer(second, tmp_path / "second", server.endpoint, processes=2)
+    succeeded(run)
+    assert f"resumed from s3://{BUCKET}/{output}checkpoints/step-{newest}/" in run.log
+    assert "skipping" in run.log and "step-9999" in run.log
+    assert f"step {newest + 1}/{newest + 4}" in run.log and "step 1/" not in run.log
+    history = get_json(server, f"{output}metrics.json")["history"]
+    steps = [e["step"] for e in history]
+    assert steps == sorted(steps) and steps[-1] == newest + 4 and steps[0] < newest  # the history continues
+    assert run.summary.step == newest + 4
+
+
+def test_sigterm_saves_a_checkpoint_then_exits_and_progress_is_served(
+    store: tuple[S3Server, Path], tmp_path: Path
+) -> None:
+    server, _ = store
+    config = trainer_config(
+        server.endpoint, "stop", hyperparameters={"maxSteps": 100000}, output={"checkpointEverySteps": 100000}
+    )
+    process, termination = start_trainer(config, tmp_path, server.endpoint, processes=2)
+    port = json.loads((tmp_path / "config.json").read_text())["reporting"]["progressPort"]
+    progress = None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and progress is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=2) as answer:
+                    document = json.loads(answer.read())
+                    progress = document if document["step"] > 0 else None
+            except OSError:
+                time.sleep(0.3)
+        assert progress is not None, (tmp_path / "trainer.log").read_text()[-3000:]
+        assert progress["state"] == "training" and progress["totalSteps"] == 100000
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            assert "finetune_trainer_step" in answer.read().decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(120)
+    summary = parse_termination_message(termination.read_text())
+    assert code == STOPPED_EXIT_CODE and summary is not None and summary.outcome == "stopped"
+    manifests = [k for k in keys(server, "out/stop/checkpoints/") if k.endswith("manifest.json")]
+    assert manifests == [f"out/stop/checkpoints/step-{summary.step}/manifest.json"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        pytest.param(
+            {"dataset": {"train": f"s3://{BUCKET}/data/broken.jsonl"}},
+            "no assistant turn (rows 1, 2, 3",
+            id="bad-rows",
+        ),
+        pytest.param(
+            {"model": {"uri": f"s3://{BUCKET}/models/missing/"}},
+            f"s3://{BUCKET}/models/missing/",
+            id="missing-model",
+        ),
+    ],
+)
+def test_unusable_inputs_exit_with_the_reserved_code_and_say_why(
+    store: tuple[S3Server, Path], tmp_path: Path, spec: dict[str, Any], message: str
+) -> None:
+    server, _ = store
+    broken = [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(10)]
+    put_jsonl(server.endpoint, BUCKET, "data/broken.jsonl", broken)
+    run = run_trainer(
+        trainer_config(server.endpoint, "broken", **spec), tmp_path, server.endpoint, processes=2
+    )
+    assert run.code == NON_RETRYABLE_EXIT_CODE, run.log[-3000:]
+    assert run.summary is not None and run.summary.retryable is False
+    assert message in run.summary.error
