@@ -87,6 +87,7 @@ def test_lora_on_two_ranks_writes_a_loadable_adapter_and_its_metrics(
         name,
         dataset={"evalSplit": 0.25},
         deepspeed={"zeroStage": zero_stage},
+        hyperparameters={"gradientAccumulationSteps": zero_stage - 1},
         evaluation={"everySteps": 3},
         output={"checkpointEverySteps": 2, "keepCheckpoints": 1},
     )

@@ -163,7 +163,7 @@ class DatasetSpec(SpecModel):
     packing: bool = Field(
         default=False,
         description="Pack several short examples into each sequence of maxSeqLength tokens (faster on "
-        "short data; attention stays within each example).",
+        "short data; loss stays on each example's own response, attention spans the packed sequence).",
     )
 
 

@@ -96,6 +96,7 @@ class Checkpointer:
         self._pending: tuple[int, dict[str, Any], threading.Thread | None] | None = None
         self._uploaded: list[StoredFile] = []
         self._upload_error: BaseException | None = None
+        self._saved_at = 0.0
         self.completed: list[dict[str, Any]] = []
 
     # --- saving -----------------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class Checkpointer:
             )
             thread.start()
         self._pending = (step, metrics, thread)
+        self._saved_at = time.monotonic()
         return waited
 
     def _upload(self, tag: str, step: int) -> None:
@@ -164,6 +166,9 @@ class Checkpointer:
         if self.local_rank == 0:
             shutil.rmtree(self.local_root / f"step-{step}", ignore_errors=True)
         self.completed.append(entry)
+        if self.rank == 0:
+            seconds = time.monotonic() - self._saved_at
+            logger.info("checkpoint step-%d complete in S3 %.2fs after its local save", step, seconds)
         return entry
 
     def _prune(self) -> None:

@@ -110,6 +110,11 @@ def load_model(model_dir: Path, config: TrainerConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as error:
         raise NonRetryableError(f"cannot load the model from {config.model.uri}: {error}") from error
+    return apply_method(model, config)
+
+
+def apply_method(model: PreTrainedModel, config: TrainerConfig) -> PreTrainedModel:
+    """Gradient checkpointing, then only the method's parameters trainable (LoRA wraps the model)."""
     if config.hyperparameters.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -232,7 +232,9 @@ def build_engine(config: TrainerConfig, model: torch.nn.Module, plan: Plan, rank
     return engine
 
 
-def micro_batches(examples: list[Example], ranks: Ranks, batch_size: int, seed: int, start: int) -> Any:
+def micro_batches(
+    examples: list[Example], ranks: Ranks, batch_size: int, seed: int, start: int
+) -> Iterator[list[Example]]:
     """This rank's micro-batches from ``start`` on, forever: a seeded shuffle per epoch."""
     share = examples[ranks.rank :: ranks.world_size][: len(examples) // ranks.world_size]
     per_epoch = len(share) // batch_size
@@ -243,6 +245,26 @@ def micro_batches(examples: list[Example], ranks: Ranks, batch_size: int, seed: 
         chosen = order[offset * batch_size : (offset + 1) * batch_size]
         yield [share[i] for i in chosen]
         index += 1
+
+
+def optimizer_step(
+    engine: Any,
+    batches: Iterator[list[Example]],
+    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+    accumulation: int,
+    loss_sum: torch.Tensor,
+    tokens: torch.Tensor,
+) -> None:
+    """One optimizer step of ``accumulation`` micro-batches; sums loss and tokens on the device, so
+    nothing waits for the GPU here."""
+    device = loss_sum.device
+    for _ in range(accumulation):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(next(batches)).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().double()
+        tokens += batch["attention_mask"].sum()
 
 
 def _reseed(seed: int, rank: int, step: int) -> None:
@@ -366,13 +388,9 @@ class _Loop:
         window_start, window_steps = time.monotonic(), 0
         self.engine.train()
         while self.state.step < self.plan.total_steps:
-            for _ in range(hp.gradient_accumulation_steps):
-                batch = {k: v.to(ranks.device) for k, v in self.collate(next(batches)).items()}
-                loss = self.engine(**batch).loss
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += loss.detach().double()
-                tokens += batch["attention_mask"].sum()
+            optimizer_step(
+                self.engine, batches, self.collate, hp.gradient_accumulation_steps, loss_sum, tokens
+            )
             self.state.step += 1
             window_steps += 1
             step = self.state.step
@@ -392,7 +410,8 @@ class _Loop:
                 break
             if step % config.output.checkpoint_every_steps == 0 and step < self.plan.total_steps:
                 self._checkpoint()
-            if _any_rank(stop_requested(), ranks.device):
+            # Ranks agree on stopping at log steps only: no host sync on every step.
+            if step % self.log_every == 0 and _any_rank(stop_requested(), ranks.device):
                 logger.info("stop requested at step %d: saving a checkpoint before exiting", step)
                 self._checkpoint()
                 self._record_finished_checkpoint(wait=True)

@@ -1,0 +1,136 @@
+"""Pure parts of the trainer: DeepSpeed configuration, schedules, plans, metrics, exit codes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from finetune_operator.resolve import resolve_trainer_config
+from finetune_operator.validation import parse_finetune_job
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.deepspeed_config import build_deepspeed_config, merge
+from finetune_trainer.errors import NonRetryableError
+from finetune_trainer.evaluation import classification_metrics
+from finetune_trainer.launch import exit_code
+from finetune_trainer.modeling import _quantization
+from finetune_trainer.recipe import lr_multiplier, make_plan
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
+
+from tests.manifests import minimal_manifest
+
+
+def config(**sections: dict[str, Any]) -> TrainerConfig:
+    return resolve_trainer_config(parse_finetune_job(minimal_manifest(**sections)))
+
+
+@pytest.mark.parametrize(
+    ("sections", "world", "expected"),
+    [
+        pytest.param({}, 8, {"train_batch_size": 32, "zero_optimization": {"stage": 2}}, id="defaults"),
+        pytest.param(
+            {"hyperparameters": {"batchSizePerDevice": 2, "gradientAccumulationSteps": 8}},
+            16,
+            {"train_batch_size": 256, "gradient_accumulation_steps": 8},
+            id="global-batch",
+        ),
+        pytest.param(
+            {"deepspeed": {"zeroStage": 3}},
+            1,
+            {"zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True}},
+            id="zero3-gathers-weights-to-save",
+        ),
+        pytest.param(
+            {"deepspeed": {"zeroStage": 3, "offload": "cpu"}},
+            1,
+            {
+                "zero_optimization": {
+                    "offload_optimizer": {"device": "cpu"},
+                    "offload_param": {"device": "cpu"},
+                }
+            },
+            id="offload-optimizer-and-parameters",
+        ),
+        pytest.param({"hyperparameters": {"precision": "fp16"}}, 1, {"fp16": {"enabled": True}}, id="fp16"),
+        pytest.param(
+            {
+                "deepspeed": {
+                    "config": {"zero_optimization": {"overlap_comm": False}, "gradient_clipping": 0.3}
+                }
+            },
+            1,
+            {"zero_optimization": {"stage": 2, "overlap_comm": False}, "gradient_clipping": 0.3},
+            id="raw-overrides-merged-last",
+        ),
+    ],
+)
+def test_deepspeed_configuration(sections: dict[str, Any], world: int, expected: dict[str, Any]) -> None:
+    generated = build_deepspeed_config(config(**sections), world)
+    assert merge(generated, expected) == generated  # every expected key is there with that value
+
+
+def test_offload_brings_deepspeeds_optimizer_and_otherwise_the_trainer_passes_its_own() -> None:
+    assert "optimizer" in build_deepspeed_config(config(deepspeed={"offload": "cpu"}), 1)
+    assert "optimizer" not in build_deepspeed_config(config(), 1)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "step", "expected"),
+    [
+        ("cosine", 0, 1 / 11),
+        ("cosine", 10, 1.0),
+        ("cosine", 55, 0.5),
+        ("cosine", 100, 0.0),
+        ("linear", 55, 0.5),
+        ("constant", 90, 1.0),
+    ],
+)
+def test_learning_rate_schedule(scheduler: str, step: int, expected: float) -> None:
+    multiplier = lr_multiplier(
+        config(hyperparameters={"lrScheduler": scheduler, "warmupRatio": 0.1, "maxSteps": 100}), 100
+    )
+    assert math.isclose(multiplier(step), expected, abs_tol=1e-9)
+
+
+def test_plan_counts_steps_per_epoch_and_refuses_too_little_data() -> None:
+    plan = make_plan(
+        config(hyperparameters={"epochs": 3, "batchSizePerDevice": 2, "gradientAccumulationSteps": 2}), 40, 2
+    )
+    assert (plan.micro_batches_per_epoch, plan.total_steps) == (10, 15)
+    with pytest.raises(NonRetryableError, match="too few for batchSizePerDevice 4 on 8 ranks"):
+        make_plan(config(), 20, 8)
+
+
+def test_classification_metrics_from_a_confusion_matrix() -> None:
+    # gold billing: 3 right, 1 predicted technical; gold technical: 2 right, 0 wrong.
+    metrics = classification_metrics(torch.tensor([[3.0, 1.0], [0.0, 2.0]]))
+    assert metrics["accuracy"] == pytest.approx(5 / 6)
+    assert metrics["precision"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert metrics["recall"] == pytest.approx((3 / 4 + 1.0) / 2)
+    f1_billing, f1_technical = 2 * 1 * 0.75 / 1.75, 2 * (2 / 3) * 1 / (5 / 3)
+    assert metrics["f1"] == pytest.approx((f1_billing + f1_technical) / 2)
+
+
+@pytest.mark.parametrize(
+    ("torchrun", "summary", "expected"),
+    [
+        (0, TerminationSummary(outcome="succeeded"), 0),
+        (1, TerminationSummary(outcome="failed", retryable=False, error="bad rows"), NON_RETRYABLE_EXIT_CODE),
+        (1, TerminationSummary(outcome="failed", error="NCCL timeout"), 1),
+        (1, TerminationSummary(outcome="stopped"), STOPPED_EXIT_CODE),
+        (1, None, 1),
+        (-9, None, 137),
+    ],
+)
+def test_the_pod_exit_code_keeps_the_trainers_verdict(
+    torchrun: int, summary: TerminationSummary | None, expected: int
+) -> None:
+    assert exit_code(torchrun, summary) == expected
+
+
+def test_qlora_without_a_gpu_is_a_clear_non_retryable_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_job = config(method={"type": "qlora"}, resources={"gpusPerNode": 1})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NonRetryableError, match="qlora needs GPUs"):
+        _quantization(gpu_job)
