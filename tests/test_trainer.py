@@ -89,7 +89,7 @@ def test_lora_on_two_ranks_writes_a_loadable_adapter_and_its_metrics(
         deepspeed={"zeroStage": zero_stage},
         hyperparameters={"gradientAccumulationSteps": zero_stage - 1},
         evaluation={"everySteps": 3},
-        output={"checkpointEverySteps": 2, "keepCheckpoints": 1},
+        output={"checkpointEverySteps": 2, "keepCheckpoints": 1, "saveMerged": True},
     )
     run = run_trainer(config, tmp_path, server.endpoint, processes=2)
     succeeded(run)
@@ -122,6 +122,8 @@ def test_lora_on_two_ranks_writes_a_loadable_adapter_and_its_metrics(
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), adapter_dir)
     assert isinstance(generate(model, tokenizer), str)
+    merged = AutoModelForCausalLM.from_pretrained(adapter_dir / "merged")  # saveMerged: full weights
+    assert not hasattr(merged, "peft_config") and isinstance(generate(merged, tokenizer), str)
 
 
 def test_full_fine_tune_on_one_rank_memorises_and_reloads(

@@ -134,3 +134,26 @@ def test_qlora_without_a_gpu_is_a_clear_non_retryable_error(monkeypatch: pytest.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NonRetryableError, match="qlora needs GPUs"):
         _quantization(gpu_job)
+
+
+def test_early_stopping_counts_evaluations_without_improvement(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_trainer import recipe
+
+    losses = iter([2.0, 1.5, 1.6, 1.55, 1.7])
+    monkeypatch.setattr(recipe, "evaluate", lambda *_args, **_kwargs: {"evalLoss": next(losses)})
+    job = config(dataset={"evalSplit": 0.1}, hyperparameters={"earlyStopping": {"patience": 3}})
+    loop = recipe._Loop(
+        job,
+        recipe.Ranks(0, 0, 1, torch.device("cpu")),
+        engine=None,
+        checkpointer=None,
+        progress=recipe.Progress(),
+        plan=recipe.Plan(10, 1, 100),
+        state=recipe.LoopState(),
+        eval_examples=[],
+        labels=None,
+        tokenizer=type("Tokenizer", (), {"pad_token_id": 0})(),
+    )
+    decisions = [loop._evaluate_and_should_stop() for _ in range(5)]
+    assert decisions == [False, False, False, False, True]
+    assert loop.state.best_eval_loss == 1.5
