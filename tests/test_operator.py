@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import threading
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import kopf
@@ -18,6 +21,7 @@ from finetune_operator.handlers import OperatorContext, post_event, registry
 from finetune_operator.kube import KubeApi, load_api_client
 from finetune_operator.manifests import WorkerSettings
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.progress import ProgressPoller
 from finetune_operator.reconciler import Reconciler
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
 
@@ -43,10 +47,16 @@ def manifest(name: str = "llm", **spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def operator(url: str) -> AsyncIterator[OperatorMetrics]:
+async def operator(url: str, progress_port: int = 1) -> AsyncIterator[OperatorMetrics]:
+    """The operator as the runner builds it; progress polls go to 127.0.0.1:progress_port quickly."""
     metrics = OperatorMetrics()
+    poller = ProgressPoller(interval=0.2, rate=100, timeout=0.5, port=progress_port)
     reconciler = Reconciler(
-        KubeApi(load_api_client(url)), WorkerSettings(default_image="trainer:test"), metrics, post_event
+        KubeApi(load_api_client(url)),
+        WorkerSettings(default_image="trainer:test"),
+        metrics,
+        post_event,
+        poller,
     )
     memo = kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=0.5))
     async with running_operator(url, registry, namespaces=[NS], memo=memo):
@@ -327,3 +337,74 @@ async def test_fifty_jobs_at_once() -> None:
         assert len(kube.list_objects("v1/pods", NS)) == 100
         assert len(kube.list_objects("v1/services", NS)) == 50
         assert sum(1 for p in metrics.phases.values() if p == "Running") == 50
+
+
+class FakeRankZero:
+    """Serves a /progress document on loopback, as global rank 0 does."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = json.dumps(owner.document).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+async def test_running_jobs_report_progress_metrics_and_checkpoints_in_status() -> None:
+    rank_zero = FakeRankZero()
+    async with emulated_cluster() as (url, kube), operator(url, progress_port=rank_zero.port):
+        kube.create_object(FINETUNEJOBS, manifest(), NS)
+        pods = await gang(kube)
+        # While nothing answers on the port, the job simply has no progress yet.
+        for pod in pods:
+            kubelet.run(kube, pod, ready=pod["metadata"]["name"].endswith("-0"), ip="127.0.0.1")
+        await phase(kube, "Running")
+        rank_zero.document = {
+            "state": "training",
+            "step": 30,
+            "totalSteps": 120,
+            "epoch": 0.5,
+            "tokensPerSecond": 91000.0,
+            "etaSeconds": 540,
+            "trainLoss": 1.23456,
+            "evalMetrics": {"evalLoss": 1.31, "perplexity": 3.7, "tokenAccuracy": 0.61},
+            "checkpoints": [
+                {"step": 25, "uri": "s3://out/llm/checkpoints/step-25/", "evalLoss": 1.31, "time": "t"}
+            ],
+        }
+        await kube.wait_for(lambda: status(kube).get("progress", {}).get("step") == 30, what="progress")
+        reported = status(kube)
+        assert reported["progress"] == {
+            "step": 30,
+            "totalSteps": 120,
+            "epoch": 0.5,
+            "percent": 25,
+            "etaSeconds": 540,
+            "tokensPerSecond": 91000.0,
+        }
+        assert reported["metrics"] == {
+            "trainLoss": 1.2346,
+            "evalLoss": 1.31,
+            "perplexity": 3.7,
+            "tokenAccuracy": 0.61,
+        }
+        assert reported["checkpoints"] == [
+            {"step": 25, "uri": "s3://out/llm/checkpoints/step-25/", "evalLoss": 1.31, "time": "t"}
+        ]
+        rank_zero.document = {**rank_zero.document, "step": 60}
+        await kube.wait_for(lambda: status(kube)["progress"]["percent"] == 50, what="progress advances")
+        rank_zero.server.shutdown()  # unreachable progress while pods run is not a failure
+        await asyncio.sleep(1.0)
+        assert status(kube)["phase"] == "Running" and status(kube)["progress"]["step"] == 60

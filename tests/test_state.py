@@ -14,6 +14,7 @@ from finetune_operator.state import (
     PodObservation,
     decide,
     observe_pod,
+    progress_status,
     set_condition,
 )
 from finetune_operator.validation import parse_finetune_job
@@ -427,3 +428,34 @@ def test_observe_pod_reads_the_kubelet_status() -> None:
         }
     )
     assert pending.unschedulable == "no GPUs" and not pending.started
+
+
+def test_progress_document_becomes_status() -> None:
+    document = {
+        "step": 7,
+        "totalSteps": 9,
+        "epoch": 1.23456,
+        "etaSeconds": 12.7,
+        "tokensPerSecond": 1234.56,
+        "trainLoss": 0.123456,
+        "evalMetrics": {"evalLoss": 0.5, "f1": 0.75},
+        "checkpoints": [{"step": s, "uri": f"s3://o/step-{s}/", "time": "t"} for s in range(1, 13)],
+    }
+    reported = progress_status(document)
+    assert reported["progress"] == {
+        "step": 7,
+        "totalSteps": 9,
+        "epoch": 1.235,
+        "percent": 77,
+        "etaSeconds": 12,
+        "tokensPerSecond": 1234.6,
+    }
+    assert reported["metrics"] == {"evalLoss": 0.5, "f1": 0.75, "trainLoss": 0.1235}
+    assert [c["step"] for c in reported["checkpoints"]] == list(range(3, 13))  # the newest ten
+
+
+def test_running_job_takes_its_progress_from_rank_zero() -> None:
+    observed = replace(job(running_status()), progress={"step": 3, "totalSteps": 6, "trainLoss": 2.0})
+    decision = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW)
+    assert decision.status["progress"]["percent"] == 50 and decision.status["metrics"] == {"trainLoss": 2.0}
+    assert decision.events == []

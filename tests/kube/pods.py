@@ -29,14 +29,14 @@ def unschedulable(kube: KubeEmulator, pod: dict[str, Any], message: str) -> None
     _set_status(kube, pod, {"phase": "Pending", "conditions": [condition]})
 
 
-def run(kube: KubeEmulator, pod: dict[str, Any], ready: bool = False) -> None:
+def run(kube: KubeEmulator, pod: dict[str, Any], ready: bool = False, ip: str = "") -> None:
     rank = int(pod["metadata"]["labels"]["finetune.dev/node-rank"])
     _set_status(
         kube,
         pod,
         {
             "phase": "Running",
-            "podIP": f"10.0.0.{rank + 10}",
+            "podIP": ip or f"10.0.0.{rank + 10}",
             "conditions": [
                 {"type": "PodScheduled", "status": "True"},
                 {"type": "Ready", "status": "True" if ready else "False"},

@@ -17,6 +17,7 @@ from typing import Any
 from finetune_operator.kube import KubeApi, KubeApiError
 from finetune_operator.manifests import WorkerSettings, build_gang
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.progress import ProgressPoller
 from finetune_operator.spec import FinetuneJob
 from finetune_operator.state import Decision, Event, JobObservation, PodObservation, decide, set_condition
 from finetune_operator.validation import validate_object
@@ -38,12 +39,18 @@ def _created(body: Mapping[str, Any]) -> datetime:
 
 class Reconciler:
     def __init__(
-        self, api: KubeApi, settings: WorkerSettings, metrics: OperatorMetrics, post_event: EventPoster
+        self,
+        api: KubeApi,
+        settings: WorkerSettings,
+        metrics: OperatorMetrics,
+        post_event: EventPoster,
+        poller: ProgressPoller | None = None,
     ) -> None:
         self.api = api
         self.settings = settings
         self.metrics = metrics
         self.post_event = post_event
+        self.poller = poller or ProgressPoller()
         self._written_status: dict[JobKey, dict[str, Any]] = {}
         self._parsed: dict[JobKey, tuple[int, FinetuneJob | None, tuple[str, ...]]] = {}
 
@@ -52,6 +59,7 @@ class Reconciler:
         self._written_status.pop(key, None)
         self._parsed.pop(key, None)
         self.metrics.forget(key)
+        self.poller.forget(key)
 
     def _parse(self, key: JobKey, body: Mapping[str, Any]) -> tuple[FinetuneJob | None, tuple[str, ...]]:
         generation = int(body.get("metadata", {}).get("generation") or 0)
@@ -86,7 +94,13 @@ class Reconciler:
         now = now or datetime.now(UTC)
         observed = self.observe(body)
         key = (observed.namespace, observed.name)
-        decision = decide(observed, list(pods), now)
+        pods = list(pods)
+        rank_zero = self._rank_zero(observed, pods)
+        if rank_zero is not None:
+            observed = replace(observed, progress=await self.poller.fetch(key, rank_zero.ip))
+        decision = decide(observed, pods, now)
+        if rank_zero is not None and decision.status.get("phase") in ("Initializing", "Running"):
+            decision.requeue_after = min(decision.requeue_after or self.poller.interval, self.poller.interval)
         try:
             await self._apply(body, observed, decision)
         except KubeApiError as error:
@@ -100,6 +114,17 @@ class Reconciler:
         for event in decision.events:
             self.post_event(body, event)
         return decision.requeue_after
+
+    @staticmethod
+    def _rank_zero(observed: JobObservation, pods: list[PodObservation]) -> PodObservation | None:
+        """Worker 0 of the current attempt, when it runs and has an address to poll."""
+        if observed.job is None or observed.status.get("phase") in ("Succeeded", "Failed", "Suspended"):
+            return None
+        attempt = int(observed.status.get("restarts") or 0)
+        return next(
+            (p for p in pods if p.node_rank == 0 and p.attempt == attempt and p.phase == "Running" and p.ip),
+            None,
+        )
 
     async def _apply(self, body: Mapping[str, Any], observed: JobObservation, decision: Decision) -> None:
         """Status first: a pass that dies half-way leaves a status the next pass can act on."""

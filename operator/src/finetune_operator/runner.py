@@ -20,6 +20,7 @@ from finetune_operator.handlers import OperatorContext, post_event, registry
 from finetune_operator.kube import KubeApi, load_api_client
 from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.progress import ProgressPoller
 from finetune_operator.reconciler import Reconciler
 
 
@@ -56,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="look at every job at least this often, even without events",
     )
     parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=float(env("FINETUNE_PROGRESS_INTERVAL", "10")),
+        help="seconds between polls of a running job's /progress",
+    )
+    parser.add_argument(
+        "--progress-rate",
+        type=float,
+        default=float(env("FINETUNE_PROGRESS_RATE", "50")),
+        help="polls per second across all jobs, so that many jobs cannot flood the API server",
+    )
+    parser.add_argument(
         "--termination-grace-seconds",
         type=int,
         default=int(env("FINETUNE_TERMINATION_GRACE_SECONDS", "300")),
@@ -79,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = WorkerSettings(
         default_image=args.default_image, termination_grace_seconds=args.termination_grace_seconds
     )
-    reconciler = Reconciler(KubeApi(load_api_client()), settings, metrics, post_event)
+    poller = ProgressPoller(interval=args.progress_interval, rate=args.progress_rate)
+    reconciler = Reconciler(KubeApi(load_api_client()), settings, metrics, post_event, poller)
     memo = kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=args.resync_seconds))
     try:
         asyncio.run(

@@ -99,6 +99,8 @@ class JobObservation:
     job: FinetuneJob | None
     invalid_reasons: tuple[str, ...] = ()
     status: dict[str, Any] = field(default_factory=dict)
+    # The newest /progress document of global rank 0, when the operator could read one.
+    progress: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,33 @@ def set_condition(
         "observedGeneration": generation,
     }
     return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+# Checkpoints listed in status: the newest few are what people act on.
+STATUS_CHECKPOINTS = 10
+
+
+def progress_status(document: dict[str, Any]) -> dict[str, Any]:
+    """status.progress, status.metrics and status.checkpoints from rank 0's /progress document."""
+    step, total = int(document.get("step") or 0), int(document.get("totalSteps") or 0)
+    progress: dict[str, Any] = {
+        "step": step,
+        "totalSteps": total,
+        "epoch": round(float(document.get("epoch") or 0.0), 3),
+        "percent": min(100, step * 100 // total) if total else 0,
+    }
+    if document.get("etaSeconds") is not None:
+        progress["etaSeconds"] = int(document["etaSeconds"])
+    if document.get("tokensPerSecond") is not None:
+        progress["tokensPerSecond"] = round(float(document["tokensPerSecond"]), 1)
+    metrics = {k: round(float(v), 4) for k, v in (document.get("evalMetrics") or {}).items()}
+    if document.get("trainLoss") is not None:
+        metrics["trainLoss"] = round(float(document["trainLoss"]), 4)
+    checkpoints = [
+        {k: c[k] for k in ("step", "uri", "evalLoss", "time") if c.get(k) is not None}
+        for c in (document.get("checkpoints") or [])[-STATUS_CHECKPOINTS:]
+    ]
+    return {"progress": progress, "metrics": metrics, "checkpoints": checkpoints}
 
 
 def _failure_description(pod: PodObservation) -> tuple[str, str]:
@@ -326,7 +355,15 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         if summary is not None:
             b.status["outputModel"] = summary.output_model or b.status.get("outputModel", "")
             if summary.metrics:
-                b.status["metrics"] = {**(b.status.get("metrics") or {}), **summary.metrics}
+                final = {k: round(v, 4) for k, v in summary.metrics.items()}
+                b.status["metrics"] = {**(b.status.get("metrics") or {}), **final}
+            if summary.step is not None and b.status.get("progress"):
+                b.status["progress"] = {
+                    **b.status["progress"],
+                    "step": summary.step,
+                    "percent": 100,
+                    "etaSeconds": 0,
+                }
         b.finish()
         return b.decision
 
@@ -352,6 +389,12 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         b.move_to("Running", "training")
     else:
         b.move_to("Initializing", "all workers started; waiting for training to report progress")
+    if b.observed.progress is not None and b.observed.progress.get("totalSteps"):
+        reported = progress_status(b.observed.progress)
+        b.status["progress"] = reported["progress"]
+        b.status["metrics"] = {**(b.status.get("metrics") or {}), **reported["metrics"]}
+        if reported["checkpoints"]:
+            b.status["checkpoints"] = reported["checkpoints"]
     return b.decision
 
 
