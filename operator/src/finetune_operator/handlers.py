@@ -66,6 +66,11 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_settings(settings)
 
 
+@kopf.on.cleanup(registry=registry)
+async def close_connections(memo: Any, **_: Any) -> None:
+    await memo.context.reconciler.poller.close()
+
+
 @kopf.index("pods", labels=WORKER_LABELS, registry=registry)
 def worker_pods(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict[JobKey, PodObservation]:
     return {(namespace, labels[LABEL_JOB]): observe_pod(dict(body))}
