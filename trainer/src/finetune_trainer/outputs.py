@@ -2,11 +2,13 @@
 
 Layout under the job's output URI: ``model/`` (loadable with ``from_pretrained``; for LoRA the
 adapter, and with ``saveMerged`` the merged weights in ``model/merged/``), ``metrics.json``
-(``final`` and ``history``), ``config.json`` (the resolved configuration) and ``README.md``.
+(``final`` and ``history``), ``config.json`` (the resolved configuration), ``README.md`` and
+``loss.png`` (train and eval loss against step).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -36,6 +38,31 @@ def _save_model(config: TrainerConfig, engine: Any, tokenizer: Any, directory: P
                 merged.save_pretrained(directory / "merged", safe_serialization=True)
                 tokenizer.save_pretrained(directory / "merged")
     dist.barrier()
+
+
+def loss_curve_png(history: list[dict[str, Any]], title: str) -> bytes:
+    """Train and eval loss against step, as a PNG (matplotlib without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
+    for metric, label in (("trainLoss", "train loss"), ("evalLoss", "eval loss")):
+        points = [(e["step"], e[metric]) for e in history if metric in e]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, marker="o" if metric == "evalLoss" else None, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    pyplot.close(figure)
+    return buffer.getvalue()
 
 
 def model_card(config: TrainerConfig, metrics: dict[str, float]) -> str:
@@ -121,12 +148,15 @@ def write_outputs(
     if rank == 0:
         store.upload_directory(directory / "model", model_uri)
         documents = {
-            "metrics.json": json.dumps({"final": final_metrics, "history": history}, indent=2),
-            "config.json": config.to_json(),
-            "README.md": model_card(config, final_metrics),
+            "metrics.json": (
+                json.dumps({"final": final_metrics, "history": history}, indent=2).encode(),
+                "application/json",
+            ),
+            "config.json": (config.to_json().encode(), "application/json"),
+            "README.md": (model_card(config, final_metrics).encode(), "text/markdown"),
+            "loss.png": (loss_curve_png(history, config.job.name), "image/png"),
         }
-        for name, text in documents.items():
-            content_type = "text/markdown" if name.endswith(".md") else "application/json"
-            store.put_bytes(join_uri(config.output.uri, name), text.encode(), content_type)
+        for name, (content, content_type) in documents.items():
+            store.put_bytes(join_uri(config.output.uri, name), content, content_type)
     dist.barrier()
     return model_uri
