@@ -108,6 +108,8 @@ def test_lora_on_two_ranks_writes_a_loadable_adapter_and_its_metrics(
         s3_client(server.endpoint).get_object(Bucket=BUCKET, Key=f"{output}README.md")["Body"].read().decode()
     )
     assert f"s3://{BUCKET}/models/tiny/" in card and "evalLoss" in card
+    curve = s3_client(server.endpoint).get_object(Bucket=BUCKET, Key=f"{output}loss.png")["Body"].read()
+    assert curve.startswith(b"\x89PNG")
 
     # keepCheckpoints 1: only the newest complete checkpoint (step 4) remains, with its manifest.
     checkpoint_keys = keys(server, f"{output}checkpoints/")
