@@ -1,4 +1,4 @@
-"""``finetune``: the user's command line: validate manifests, render the objects they become."""
+"""``finetune``: the user's command line: validate and render manifests, run them here, a demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 
 from finetune_operator import KIND
 from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, UNASSIGNED_UID, WorkerSettings, build_gang
+from finetune_operator.spec import FinetuneJob
 from finetune_operator.validation import DocumentReport, parse_finetune_job, validate_text
 
 
@@ -67,29 +68,64 @@ def cmd_render(args: argparse.Namespace) -> int:
     """Prints the objects the operator would create for each FinetuneJob, as multi-document YAML."""
     documents: list[dict[str, Any]] = []
     for source in args.files:
-        try:
-            text = _read(source)
-        except (OSError, UnicodeDecodeError) as error:
-            print(f"{source}: cannot read: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        jobs = _jobs_in(source)
+        if jobs is None:
             return 1
-        reports = validate_text(text, source)
-        invalid = [r for r in reports if r.issues]
-        if invalid:
-            for report in invalid:
-                print(f"{report.label}: {len(report.issues)} error(s)", file=sys.stderr)
-                for issue in report.issues:
-                    print(f"  {issue}", file=sys.stderr)
-            return 1
-        for document in yaml.safe_load_all(text):
-            if not isinstance(document, dict) or document.get("kind") != KIND:
-                continue
-            job = parse_finetune_job(document)
+        for job in jobs:
             if not job.metadata.namespace:
                 job.metadata.namespace = args.namespace
             settings = WorkerSettings(default_image=args.default_image)
             documents += build_gang(job, UNASSIGNED_UID, attempt=0, settings=settings)
     sys.stdout.write(yaml.dump_all(documents, Dumper=_ReadableDumper, sort_keys=False, width=100))
     return 0
+
+
+def _jobs_in(source: str) -> list[FinetuneJob] | None:
+    """The valid FinetuneJobs of a file, or None after printing every problem (as validate does)."""
+    try:
+        text = _read(source)
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"{source}: cannot read: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        return None
+    invalid = [r for r in validate_text(text, source) if r.issues]
+    for report in invalid:
+        print(f"{report.label}: {len(report.issues)} error(s)", file=sys.stderr)
+        for issue in report.issues:
+            print(f"  {issue}", file=sys.stderr)
+    if invalid:
+        return None
+    return [
+        parse_finetune_job(document)
+        for document in yaml.safe_load_all(text)
+        if isinstance(document, dict) and document.get("kind") == KIND
+    ]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Runs one FinetuneJob on this machine; exits with the trainer's code."""
+    from finetune_operator.local import LocalRunError, run_local
+
+    jobs = _jobs_in(args.file)
+    if jobs is None:
+        return 1
+    chosen = [job for job in jobs if args.name in (None, job.metadata.name)]
+    if len(chosen) != 1:
+        names = ", ".join(str(job.metadata.name) for job in jobs) or "none"
+        print(f"{args.file}: pick one FinetuneJob with --name (found: {names})", file=sys.stderr)
+        return 1
+    try:
+        code, _ = run_local(chosen[0], args.embedded_s3)
+    except LocalRunError as error:
+        print(f"finetune run: {error}", file=sys.stderr)
+        return 1
+    return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A 2-rank LoRA fine-tune of a tiny model on this machine, end to end."""
+    from finetune_operator.demo import run_demo
+
+    return run_demo(args.dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-image", default=DEFAULT_TRAINER_IMAGE, help="the operator's default trainer image"
     )
     render.set_defaults(handler=cmd_render)
+    run = commands.add_parser("run", help="run a FinetuneJob on this machine (local GPUs, or CPU processes)")
+    run.add_argument("file", metavar="FILE", help="YAML file with the FinetuneJob")
+    run.add_argument("--name", help="which FinetuneJob of the file, when it holds several")
+    run.add_argument(
+        "--embedded-s3",
+        type=Path,
+        metavar="DIR",
+        help="serve DIR as the S3 store for this run (each top-level folder a bucket); outputs stay in DIR",
+    )
+    run.set_defaults(handler=cmd_run)
+    demo = commands.add_parser("demo", help="fine-tune a tiny model on this machine, end to end")
+    demo.add_argument("--dir", type=Path, default=Path("finetune-demo"), help="where the demo's files go")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 

@@ -1,0 +1,271 @@
+"""``finetune run``: the same FinetuneJob on this machine, without a cluster.
+
+It resolves the manifest with the operator's own code into the trainer's configuration, starts the
+worker entry point (``python -m finetune_trainer.launch``) with ``nodes x max(gpusPerNode, 1)``
+local ranks (GPUs when there are enough, otherwise CPU processes with gloo), shows progress from
+rank 0's /progress, and ends with the status block the operator would write, computed by the
+operator's own state machine from the workers' exit codes and termination messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
+
+from finetune_operator.embedded_s3 import EmbeddedS3
+from finetune_operator.resolve import resolve_trainer_config
+from finetune_operator.spec import FinetuneJob
+from finetune_operator.state import JobObservation, PodObservation, decide, progress_status
+
+EMBEDDED_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "embedded", "AWS_SECRET_ACCESS_KEY": "embedded"}
+
+
+class LocalRunError(Exception):
+    """The run cannot start here (too few GPUs, QLoRA on CPU): says why, no traceback."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+    except ImportError as error:
+        raise LocalRunError(
+            f"finetune run needs the trainer installed (pip install 'finetune-operator[trainer]'): {error}"
+        ) from error
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    config: TrainerConfig
+    ranks: int
+    notes: tuple[str, ...]
+
+
+def plan_local_run(job: FinetuneJob, gpus_here: int, endpoint: str | None, progress_port: int) -> LocalPlan:
+    """The trainer configuration for this machine: the job's, adapted only where the machine differs."""
+    config = resolve_trainer_config(job)
+    ranks = config.distributed.world_size
+    notes: list[str] = []
+    updates: dict[str, Any] = {}
+    if config.distributed.uses_gpus and gpus_here < ranks:
+        if gpus_here:
+            raise LocalRunError(
+                f"the job needs {ranks} GPUs ({job.spec.resources.nodes} nodes x "
+                f"{job.spec.resources.gpus_per_node}); this machine has {gpus_here}"
+            )
+        if config.method.type == "qlora":
+            raise LocalRunError(
+                "method qlora needs GPUs (4-bit bitsandbytes kernels), and this machine has none"
+            )
+        notes.append(f"no GPU here: {ranks} CPU processes with gloo")
+        updates["distributed"] = config.distributed.model_copy(update={"uses_gpus": False})
+    on_cpu = not updates.get("distributed", config.distributed).uses_gpus
+    if on_cpu and config.hyperparameters.precision != "fp32":
+        notes.append(f"precision {config.hyperparameters.precision} -> fp32 on CPU")
+        updates["hyperparameters"] = config.hyperparameters.model_copy(update={"precision": "fp32"})
+    if endpoint is not None:
+        updates["storage"] = config.storage.model_copy(update={"endpoint": endpoint, "region": "us-east-1"})
+    updates["reporting"] = config.reporting.model_copy(update={"progress_port": progress_port})
+    return LocalPlan(config.model_copy(update=updates), ranks, tuple(notes))
+
+
+def _progress(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=1) as answer:
+            return json.loads(answer.read())
+    except OSError as error:
+        body = getattr(error, "read", None)
+        if body is not None:  # 503 while the run initializes still carries the document
+            with contextlib.suppress(ValueError, OSError):
+                return json.loads(body())
+        return None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes:d}:{secs:02d}"
+
+
+def progress_line(document: dict[str, Any], width: int = 24) -> str:
+    """step / total, a bar, loss, tokens/s and ETA, in one line."""
+    step, total = document.get("step", 0), document.get("totalSteps") or 0
+    done = min(width, int(width * step / total)) if total else 0
+    parts = [f"step {step}/{total}", f"[{'#' * done}{'.' * (width - done)}]"]
+    if document.get("trainLoss") is not None:
+        parts.append(f"loss {document['trainLoss']:.4f}")
+    if document.get("tokensPerSecond"):
+        parts.append(f"tok/s {document['tokensPerSecond']:,.0f}")
+    parts.append(f"ETA {_duration(document.get('etaSeconds'))}")
+    return " ".join(parts)
+
+
+class _Display:
+    """A live bar on a terminal, plain log lines otherwise (one per change, at most every 5 s)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.last_line = ""
+        self.last_time = 0.0
+
+    def show(self, document: dict[str, Any] | None) -> None:
+        if not document or document.get("state") != "training":
+            return
+        line = progress_line(document)
+        if self.live:
+            self.out.write("\r" + line.ljust(len(self.last_line)))
+            self.out.flush()
+        elif line != self.last_line and time.monotonic() - self.last_time >= 5:
+            self.out.write(line + "\n")
+            self.out.flush()
+            self.last_time = time.monotonic()
+        self.last_line = line
+
+    def end(self) -> None:
+        if self.live and self.last_line:
+            self.out.write("\n")
+
+
+def final_status(
+    job: FinetuneJob, code: int, message: str, last_progress: dict[str, Any] | None, restarts: int
+) -> dict[str, Any]:
+    """What the operator would write, from the same state machine fed with what this run observed."""
+    assert job.metadata.name is not None
+    status: dict[str, Any] = {"phase": "Running", "restarts": restarts}
+    if last_progress is not None:
+        status |= progress_status(last_progress)
+    observed = JobObservation(
+        job.metadata.name, job.metadata.namespace or "default", 1, datetime.now(UTC), job, status=status
+    )
+    workers = [
+        PodObservation(
+            name=f"{job.metadata.name}-worker-{rank}",
+            node_rank=rank,
+            attempt=restarts,
+            phase="Succeeded" if code == 0 else "Failed",
+            started=True,
+            exit_code=code,
+            termination_message=message,
+        )
+        for rank in range(job.spec.resources.nodes)
+    ]
+    decision = decide(observed, workers, datetime.now(UTC))
+    final = {
+        k: v for k, v in decision.status.items() if v not in (None, [], {}) and k != "observedGeneration"
+    }
+    if final["phase"] == "Restarting":  # the caller restarts; this block is only shown at the end
+        final["phase"] = "Failed"
+    return final
+
+
+def _launch(
+    plan: LocalPlan, work: Path, env: dict[str, str], out: TextIO
+) -> tuple[int, dict[str, Any] | None]:
+    """One attempt: the worker entry point with every rank on this machine; returns its exit code."""
+    log_path = work / "trainer.log"
+    display, last = _Display(out), None
+    with log_path.open("a") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "finetune_trainer.launch"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            while launcher.poll() is None:
+                document = _progress(plan.config.reporting.progress_port)
+                if document is not None and document.get("state") == "training":
+                    last = document
+                display.show(document)
+                time.sleep(1)
+        except KeyboardInterrupt:
+            out.write("\nstopping: the trainer saves a checkpoint first\n")
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait()
+        display.end()
+    return launcher.returncode, last
+
+
+def run_local(
+    job: FinetuneJob, embedded_s3: Path | None, out: TextIO = sys.stdout
+) -> tuple[int, dict[str, Any]]:
+    """Runs the job here, restarting from the newest checkpoint after retryable failures up to
+    runPolicy.backoffLimit, as the operator would; returns the exit code and the final status."""
+    work = Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
+    server = EmbeddedS3(embedded_s3).start() if embedded_s3 is not None else None
+    try:
+        plan = plan_local_run(job, _local_gpus(), server.endpoint if server else None, _free_port())
+        for note in plan.notes:
+            out.write(f"note: {note}\n")
+        config_file = work / "config.json"
+        config_file.write_text(plan.config.to_json())
+        termination = work / "termination-log"
+        env = {
+            **os.environ,
+            "NNODES": "1",
+            "NODE_RANK": "0",
+            "NPROC_PER_NODE": str(plan.ranks),
+            "MASTER_ADDR": "127.0.0.1",
+            "FINETUNE_CONFIG": str(config_file),
+            "TERMINATION_MESSAGE_PATH": str(termination),
+            "FINETUNE_WORKSPACE": str(work / "workspace"),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if server is not None:
+            env |= EMBEDDED_CREDENTIALS
+        if not plan.config.distributed.uses_gpus:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.ranks)))
+        out.write(
+            f"running {job.metadata.name}: {plan.ranks} local rank(s); trainer log: {work / 'trainer.log'}\n"
+        )
+        limit = job.spec.run_policy.backoff_limit
+        attempt = 0
+        while True:
+            termination.unlink(missing_ok=True)
+            code, last = _launch(plan, work, {**env, "MASTER_PORT": str(_free_port())}, out)
+            if code in (0, NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE) or attempt >= limit:
+                break
+            attempt += 1
+            out.write(
+                f"the run failed (exit {code}); restarting from the newest checkpoint "
+                f"(restart {attempt} of {limit})\n"
+            )
+        message = termination.read_text() if termination.exists() else ""
+        status = final_status(job, code, message, last, attempt)
+        if code != 0:
+            out.write((work / "trainer.log").read_text()[-3000:] + "\n")
+        out.write(yaml.safe_dump({"status": status}, sort_keys=False, width=100))
+        return code, status
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work / "workspace", ignore_errors=True)
+
+
+def local_path(uri: str, embedded_s3: Path) -> Path:
+    """Where an s3://bucket/key of an embedded-S3 run lies on disk."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return embedded_s3 / bucket / key

@@ -1,0 +1,115 @@
+"""`finetune run` and `finetune demo`: the same FinetuneJob on this machine, with S3 from a folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from finetune_operator.demo import demo_manifest, prepare
+from finetune_operator.local import LocalRunError, plan_local_run, progress_line
+from finetune_operator.validation import parse_finetune_job
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE
+
+from tests.manifests import minimal_manifest
+
+FINETUNE = str(Path(sys.executable).parent / "finetune")
+
+
+def _status_block(output: str) -> dict[str, Any]:
+    block = output[output.rindex("\nstatus:\n") :].strip().split("\n\n")[0]
+    return yaml.safe_load(block)["status"]
+
+
+def test_demo_fine_tunes_a_tiny_model_end_to_end(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [FINETUNE, "demo", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    outputs = tmp_path / "s3" / "outputs" / "capitals-lora"
+    for name in (
+        "model/adapter_model.safetensors",
+        "model/adapter_config.json",
+        "metrics.json",
+        "loss.png",
+        "README.md",
+        "config.json",
+    ):
+        assert (outputs / name).is_file(), name
+    assert (outputs / "loss.png").read_bytes().startswith(b"\x89PNG")
+    status = _status_block(result.stdout)
+    assert status["phase"] == "Succeeded"
+    assert status["outputModel"] == "s3://outputs/capitals-lora/model/"
+    assert {"evalLoss", "trainLoss"} <= status["metrics"].keys()
+    assert status["progress"]["percent"] == 100
+    history = json.loads((outputs / "metrics.json").read_text())["history"]
+    losses = [e["trainLoss"] for e in history if "trainLoss" in e]
+    assert losses[-1] < losses[0]
+    assert "step " in result.stdout  # plain progress lines when not on a terminal
+    assert f"loss curve:           {outputs / 'loss.png'}" in result.stdout
+    assert "> What is the capital of France?" in result.stdout
+
+
+def test_run_reports_a_non_retryable_failure_as_the_operator_would(tmp_path: Path) -> None:
+    prepare(tmp_path)
+    (tmp_path / "s3" / "datasets" / "capitals" / "train.jsonl").write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" for _ in range(20))
+    )
+    manifest = tmp_path / "finetunejob.yaml"
+    result = subprocess.run(
+        [FINETUNE, "run", str(manifest), "--embedded-s3", str(tmp_path / "s3")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == NON_RETRYABLE_EXIT_CODE
+    status = _status_block(result.stdout)
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "NonRetryableError" and "no assistant turn" in failed["message"]
+
+
+def test_run_refuses_an_invalid_manifest_with_the_validation_errors(tmp_path: Path) -> None:
+    manifest = demo_manifest()
+    manifest["spec"]["resources"]["nodes"] = 0
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    result = subprocess.run([FINETUNE, "run", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "spec.resources.nodes: got 0" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("resources", "method", "gpus_here", "expected"),
+    [
+        pytest.param({"nodes": 2, "gpusPerNode": 0}, "lora", 0, (2, False, "fp32"), id="cpu-job"),
+        pytest.param({"nodes": 2, "gpusPerNode": 4}, "lora", 0, (8, False, "fp32"), id="gpu-job-on-cpu"),
+        pytest.param({"nodes": 1, "gpusPerNode": 2}, "full", 2, (2, True, "bf16"), id="gpu-job-on-gpus"),
+        pytest.param({"nodes": 2, "gpusPerNode": 2}, "lora", 2, "needs 4 GPUs", id="too-few-gpus"),
+        pytest.param({"nodes": 1, "gpusPerNode": 1}, "qlora", 0, "qlora needs GPUs", id="qlora-on-cpu"),
+    ],
+)
+def test_local_plan(resources: dict[str, int], method: str, gpus_here: int, expected: Any) -> None:
+    job = parse_finetune_job(minimal_manifest(resources=resources, method={"type": method}))
+    if isinstance(expected, str):
+        with pytest.raises(LocalRunError, match=expected):
+            plan_local_run(job, gpus_here, None, 1234)
+        return
+    plan = plan_local_run(job, gpus_here, "http://127.0.0.1:9", 1234)
+    assert (plan.ranks, plan.config.distributed.uses_gpus, plan.config.hyperparameters.precision) == expected
+    assert (
+        plan.config.storage.endpoint == "http://127.0.0.1:9" and plan.config.reporting.progress_port == 1234
+    )
+    assert bool(plan.notes) is (gpus_here == 0)  # says it runs on CPU, in fp32
+
+
+def test_progress_line() -> None:
+    line = progress_line(
+        {"step": 12, "totalSteps": 48, "trainLoss": 2.3456, "tokensPerSecond": 3400.4, "etaSeconds": 95}
+    )
+    assert line == "step 12/48 [######..................] loss 2.3456 tok/s 3,400 ETA 1:35"
