@@ -29,9 +29,10 @@ crd: setup
 	$(PY) -m finetune_operator.crd > crds/finetunejob.yaml
 	$(PY) -m finetune_operator.crd reference > docs/reference.md
 
+# A 2-rank LoRA fine-tune of a tiny model on this machine: S3 is the folder finetune-demo/s3.
 demo: setup
 	$(VENV)/bin/finetune validate examples/*.yaml
-	$(VENV)/bin/finetune render examples/lora-single-node.yaml
+	$(VENV)/bin/finetune demo --dir finetune-demo
 
 # Refreshes constraints.txt from the current environment.
 lock: setup
