@@ -249,6 +249,21 @@ CASES = [
         {"phase": "Pending", "create": 1, "events": ["Resumed", "Pending"], "condition_false": "Suspended"},
     ),
     (
+        "resume-waits-for-the-suspended-workers-to-stop",
+        job({"phase": "Suspended", "restarts": 1}),
+        [pod(0, attempt=1, **RUNNING, deleting=True), pod(1, attempt=1, **RUNNING)],
+        {"phase": "Suspended", "restarts": 1, "delete": ["job-worker-1"], "create": None, "events": []},
+    ),
+    (
+        "the-first-worker-to-fail-is-named",
+        job(running_status()),
+        [
+            pod(0, **failed(1, error="Connection reset by peer"), finished_at="2026-11-21T12:00:09Z"),
+            pod(1, **failed(137, reason="OOMKilled"), finished_at="2026-11-21T12:00:05Z"),
+        ],
+        {"phase": "Restarting", "message": "OOMKilled: worker 1"},
+    ),
+    (
         "deadline-exceeded",
         job(running_status(startTime=ts(NOW - timedelta(hours=2))), activeDeadlineSeconds=3600),
         [pod(0, **READY), pod(1, **RUNNING)],

@@ -39,6 +39,7 @@ class PodObservation:
     started: bool = False
     ready: bool = False
     exit_code: int | None = None
+    finished_at: str = ""
     reason: str = ""
     message: str = ""
     termination_message: str = ""
@@ -77,6 +78,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         started="running" in state or "terminated" in state,
         ready=ready,
         exit_code=terminated.get("exitCode"),
+        finished_at=terminated.get("finishedAt") or "",
         reason=terminated.get("reason") or status.get("reason", ""),
         message=status.get("message", ""),
         termination_message=terminated.get("message", ""),
@@ -307,6 +309,10 @@ def decide(observed: JobObservation, pods: list[PodObservation], now: datetime) 
         b.status["workers"] = {"total": job.spec.resources.nodes, "ready": 0}
         return b.decision
     if b.phase == "Suspended":
+        if pods:  # the suspended workers are still stopping: they must not look like failures
+            b.delete(pods)
+            b.status["message"] = "resuming: waiting for the suspended workers to stop"
+            return b.decision
         b.condition("Suspended", False, "Resumed", "resumed from the newest complete checkpoint")
         b.decision.events.append(Event("Normal", "Resumed", "resuming from the newest complete checkpoint"))
 
@@ -413,7 +419,8 @@ def _handle_failure(
         b.fail(*_failure_description(non_retryable))
         return b.decision
     if failed:
-        first = min(failed, key=lambda p: p.node_rank)
+        # The first to finish is the cause; the others often die of it ("connection reset by peer").
+        first = min(failed, key=lambda p: (p.finished_at or "~", p.node_rank))
         reason, message = _failure_description(first)
     else:
         reason, message = "WorkerLost", f"worker {lost[0]}'s pod disappeared"

@@ -69,6 +69,8 @@ def torchrun_argv(env: Mapping[str, str]) -> list[str]:
         f"--master-addr={env['MASTER_ADDR']}",
         f"--master-port={env['MASTER_PORT']}",
         f"--rdzv-conf=timeout={timeout}",
+        # SIGTERM is the ranks' own to handle (see run_torchrun), never torchrun's.
+        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
         "-m",
         "finetune_trainer",
         "--config",
@@ -114,14 +116,13 @@ def run_torchrun(argv: list[str], termination_log: str) -> int:
 
     torchrun would answer SIGTERM by killing its ranks 30 seconds later; the ranks need the pod's
     whole grace period to finish a checkpoint. So torchrun ignores SIGTERM (an ignored signal stays
-    ignored across exec, and TORCHELASTIC_SIGNALS_TO_HANDLE keeps it from installing a handler), and
-    the launcher passes SIGTERM to torchrun's descendants, where each rank's own handler catches it.
+    ignored across exec, and ``--signals-to-handle`` keeps it from installing a handler), and the
+    launcher passes SIGTERM to torchrun's descendants, where each rank's own handler catches it.
     torchrun also reports any failed rank as exit 1, which would hide the reserved code; the summary
     local rank 0 wrote says what happened.
     """
-    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    child = subprocess.Popen(argv, env=env)
+    child = subprocess.Popen(argv)
     signal.signal(signal.SIGTERM, previous)
 
     def forward(_signum: int, _frame: object) -> None:
