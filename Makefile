@@ -27,6 +27,7 @@ test: setup lint
 # Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
 crd: setup
 	$(PY) -m finetune_operator.crd > crds/finetunejob.yaml
+	cp crds/finetunejob.yaml charts/finetune-operator/crds/finetunejob.yaml
 	$(PY) -m finetune_operator.crd reference > docs/reference.md
 
 # A 2-rank LoRA fine-tune of a tiny model on this machine: S3 is the folder finetune-demo/s3.

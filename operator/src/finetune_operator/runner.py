@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,12 @@ from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.progress import ProgressPoller
 from finetune_operator.reconciler import Reconciler
+
+
+def _priority(value: str) -> int:
+    if value == "random":
+        return random.SystemRandom().randint(1, 2**31 - 1)
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="kopf peering name: replicas with the same name elect one active operator. Default: standalone",
     )
     parser.add_argument(
-        "--priority", type=int, default=int(env("FINETUNE_PRIORITY", "0")), help="peering priority"
+        "--priority",
+        type=_priority,
+        default=_priority(env("FINETUNE_PRIORITY", "0")),
+        help="peering priority; 'random' gives each replica its own (kopf pauses peers of equal priority)",
     )
     parser.add_argument("--liveness-port", type=int, default=int(env("FINETUNE_LIVENESS_PORT", "8080")))
     parser.add_argument("--metrics-port", type=int, default=int(env("FINETUNE_METRICS_PORT", "9090")))
