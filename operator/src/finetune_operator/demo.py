@@ -8,6 +8,7 @@ reloads the fine-tuned adapter and asks it one question.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -53,7 +54,9 @@ def prepare(directory: Path) -> Path:
     data = store / "datasets" / "capitals" / "train.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(240)))
-    (store / "outputs").mkdir(exist_ok=True)
+    # A fresh start each time: an earlier demo's checkpoints would otherwise be resumed.
+    shutil.rmtree(store / "outputs", ignore_errors=True)
+    (store / "outputs").mkdir()
     manifest = directory / "finetunejob.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(), sort_keys=False))
     return manifest
