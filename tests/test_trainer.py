@@ -148,7 +148,7 @@ def test_full_fine_tune_on_one_rank_memorises_and_reloads(
     model_dir = download(server, "out/full/model/", tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     answer = generate(model, AutoTokenizer.from_pretrained(model_dir))
-    assert "Paris" in answer or len(answer) > 0
+    assert answer.strip()  # the reloaded full model generates (a tiny model; quality is not the point)
 
 
 def _classification_rows(count: int) -> list[dict[str, Any]]:
