@@ -56,9 +56,8 @@ NO_WHITESPACE = r"^\S*$"
 PATTERN_HINTS: dict[str, str] = {}
 
 
-def _hint(pattern: str, words: str) -> str:
+def _hint(pattern: str, words: str) -> None:
     PATTERN_HINTS[pattern] = words
-    return pattern
 
 
 _hint(

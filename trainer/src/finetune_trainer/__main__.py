@@ -16,7 +16,12 @@ import traceback
 from collections.abc import Sequence
 
 from finetune_trainer.config import load_trainer_config
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
+from finetune_trainer.summary import (
+    NON_RETRYABLE_EXIT_CODE,
+    STOPPED_EXIT_CODE,
+    TerminationSummary,
+    write_termination_message,
+)
 
 logger = logging.getLogger("finetune_trainer")
 
@@ -64,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _finish(config: object, summary: TerminationSummary) -> int:
     """Local rank 0 leaves the node's summary in the termination-message file for the operator."""
-    from finetune_trainer.reporting import write_termination_message
-
     path = getattr(getattr(config, "reporting", None), "termination_message_path", None)
     path = os.environ.get("TERMINATION_MESSAGE_PATH", path or "/dev/termination-log")
     if os.environ.get("LOCAL_RANK", "0") == "0":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from finetune_trainer.collectives import every_rank
 from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.storage import ObjectStore, StorageError, StoredFile, join_uri
 
@@ -40,13 +41,6 @@ class Checkpoint:
 
 def checkpoint_uri(output_uri: str, step: int) -> str:
     return join_uri(output_uri, "checkpoints", f"step-{step}") + "/"
-
-
-def _all_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank only if it is true on every rank."""
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
 
 
 def find_complete(store: ObjectStore, output_uri: str) -> list[Checkpoint]:
@@ -139,9 +133,9 @@ class Checkpointer:
         if thread is not None and wait:
             thread.join()
         local_done = thread is None or not thread.is_alive()
-        if not _all_true(local_done, self.device):
+        if not every_rank(local_done, self.device):
             return None
-        if not _all_true(self._upload_error is None, self.device):
+        if not every_rank(self._upload_error is None, self.device):
             # Every rank stops together; the node that failed says why.
             raise self._upload_error or StorageError(f"another node failed to upload checkpoint step-{step}")
         node_files = [f.__dict__ for f in self._uploaded]

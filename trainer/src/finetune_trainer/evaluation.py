@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from finetune_trainer.collectives import largest
 from finetune_trainer.data import IGNORE_INDEX, Example
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
@@ -43,20 +44,13 @@ def _label_start(example: Example) -> int:
     return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
 
 
-def _equal_count(count: int, device: torch.device) -> int:
-    """The largest count among ranks: every rank runs that many forward passes."""
-    value = torch.tensor([count], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
-
-
 def _batches(
     share: list[Example], filler: Example, batch_size: int, device: torch.device
 ) -> list[list[Example]]:
     """This rank's batches, padded to the longest share among ranks with loss-free copies of ``filler``."""
     batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
     blank = Example(filler.input_ids, [IGNORE_INDEX] * len(filler.input_ids))
-    return batches + [[blank]] * (_equal_count(len(batches), device) - len(batches))
+    return batches + [[blank]] * (largest(len(batches), device) - len(batches))
 
 
 @torch.no_grad()
@@ -165,7 +159,7 @@ def _classify(
     confusion = torch.zeros(size, size, dtype=torch.float64, device=device)
     scored = [e for e in share if e.label in labels.names]
     filler = next(e for e in examples if e.label in labels.names)
-    for index in range(_equal_count(len(scored), device)):
+    for index in range(largest(len(scored), device)):
         if index < len(scored):
             example = scored[index]
             predicted = _label_scores(engine, example, labels, collate, device)

@@ -25,6 +25,7 @@ from finetune_trainer.summary import (
     STOPPED_EXIT_CODE,
     TerminationSummary,
     parse_termination_message,
+    write_termination_message,
 )
 
 DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 1800
@@ -80,11 +81,9 @@ def torchrun_argv(env: Mapping[str, str]) -> list[str]:
 
 def _fail(message: str, termination_log: str) -> int:
     print(f"finetune launch: {message}", file=sys.stderr)
-    try:
-        with open(termination_log, "w", encoding="utf-8") as log:
-            log.write(TerminationSummary(outcome="failed", retryable=True, error=message).to_message())
-    except OSError:
-        pass
+    write_termination_message(
+        termination_log, TerminationSummary(outcome="failed", retryable=True, error=message)
+    )
     return 1
 
 

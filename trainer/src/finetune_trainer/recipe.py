@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from finetune_trainer import data
 from finetune_trainer.checkpointing import Checkpointer
+from finetune_trainer.collectives import any_rank, largest
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
 from finetune_trainer.deepspeed_config import build_deepspeed_config
@@ -112,13 +113,12 @@ def together(ranks: Ranks, work: Callable[[], Any]) -> Any:
         error, kind = failure, _FAILURE_FINAL
     except Exception as failure:
         error, kind = failure, _FAILURE_RETRYABLE
-    worst = torch.tensor([kind], device=ranks.device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if int(worst.item()) == _FAILURE_NONE:
+    worst = largest(kind, ranks.device)
+    if worst == _FAILURE_NONE:
         return result
     if error is None:
         error = RuntimeError("another rank failed; see its log")
-    if int(worst.item()) == _FAILURE_FINAL and not isinstance(error, NonRetryableError):
+    if worst == _FAILURE_FINAL and not isinstance(error, NonRetryableError):
         raise NonRetryableError(str(error)) from error
     raise error
 
@@ -274,12 +274,6 @@ def _reseed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(value)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def train(config: TrainerConfig, stop_requested: Callable[[], bool]) -> RunResult:
     ranks = init_distributed(config)
     hp = config.hyperparameters
@@ -411,7 +405,7 @@ class _Loop:
             if step % config.output.checkpoint_every_steps == 0 and step < self.plan.total_steps:
                 self._checkpoint()
             # Ranks agree on stopping at log steps only: no host sync on every step.
-            if step % self.log_every == 0 and _any_rank(stop_requested(), ranks.device):
+            if step % self.log_every == 0 and any_rank(stop_requested(), ranks.device):
                 logger.info("stop requested at step %d: saving a checkpoint before exiting", step)
                 self._checkpoint()
                 self._record_finished_checkpoint(wait=True)

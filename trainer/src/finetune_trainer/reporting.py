@@ -13,12 +13,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
-
-from finetune_trainer.summary import TerminationSummary
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +145,3 @@ class History:
             if name in entry:
                 return entry[name]
         return None
-
-
-def write_termination_message(path: str, summary: TerminationSummary) -> None:
-    """Best effort: a missing or read-only path must not turn a success into a failure."""
-    try:
-        Path(path).write_text(summary.to_message(), encoding="utf-8")
-    except OSError as error:
-        logger.warning("cannot write the termination message to %s: %s", path, error)

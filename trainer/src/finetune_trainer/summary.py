@@ -8,10 +8,14 @@ without the workers needing any Kubernetes permissions.
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+logger = logging.getLogger(__name__)
 
 # The one exit code for errors a restart cannot fix (bad data, bad configuration, a missing object):
 # the operator fails the job at once instead of restarting the gang. Every other non-zero code is
@@ -53,3 +57,11 @@ def parse_termination_message(text: str | None) -> TerminationSummary | None:
         return TerminationSummary.model_validate(json.loads(text))
     except (ValueError, ValidationError):
         return None
+
+
+def write_termination_message(path: str, summary: TerminationSummary) -> None:
+    """Best effort: a missing or read-only path must not turn a success into a failure."""
+    try:
+        Path(path).write_text(summary.to_message(), encoding="utf-8")
+    except OSError as error:
+        logger.warning("cannot write the termination message to %s: %s", path, error)
