@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup test lint crd demo lock clean
+.PHONY: setup test lint crd demo lock clean cluster-bin cluster cluster-down
 
 setup: $(STAMP)
 
@@ -21,8 +21,20 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint
+test: setup lint cluster-bin
 	$(VENV)/bin/pytest
+
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and etcd, built from the Go module
+# in tests/controlplane/ into .cluster/bin/ (cold: about 20 minutes on 2 cores; warm: seconds).
+cluster-bin:
+	tests/controlplane/build.sh .cluster/bin
+
+# A local control plane on loopback (free ports), in the background; `make cluster-down` stops it.
+cluster: setup cluster-bin
+	$(PY) -m tests.kube.controlplane up .cluster
+
+cluster-down:
+	$(PY) -m tests.kube.controlplane down .cluster
 
 # Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
 crd: setup

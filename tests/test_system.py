@@ -1,10 +1,11 @@
 """The whole system on one machine: the real operator, the real trainer, nothing played by hand.
 
-The operator (kopf, in-process) runs against the emulated Kubernetes API; the process kubelet
-(tests/kube/process_kubelet.py) runs the pods it creates as local processes (two nodes are two
-launchers of one CPU rank each, meeting at worker 0's torchrun store on 127.0.0.1:29500); the
-trainer reads and writes a moto S3 server on loopback, with credentials from a Secret as a
-cluster gives them. Each scenario checks what a user would see: the job's status, its events,
+The operator (kopf, in-process, as the chart's ServiceAccount) runs against the real control plane;
+the scheduler binds the workers to the process kubelet's node (tainted: only these jobs tolerate
+it) and the process kubelet (tests/kube/process_kubelet.py) runs them as local processes (two
+nodes are two launchers of one CPU rank each, meeting at worker 0's torchrun store on
+127.0.0.1:29500); the trainer reads and writes a moto S3 server on loopback, with credentials from
+a Secret as a cluster gives them. Each scenario checks what a user would see: the job's status, its events,
 the trainer's logs and what lands in S3.
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import kopf
 import pytest
 from finetune_operator.handlers import OperatorContext, post_event, registry
-from finetune_operator.kube import KubeApi, load_api_client
+from finetune_operator.kube import KubeApi
 from finetune_operator.manifests import WorkerSettings
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.progress import ProgressPoller
@@ -29,17 +30,18 @@ from finetune_trainer.summary import STOPPED_EXIT_CODE, parse_termination_messag
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.kube.emulator import KubeEmulator
-from tests.kube.fixtures import OperatorRun, emulated_cluster, running_operator
+from tests.kube.client import KubeClient
+from tests.kube.cluster import PROCESS_NODE, Identity, RealCluster
+from tests.kube.fixtures import OperatorRun, running_operator
+from tests.kube.nodes import PROCESS_TAINT
 from tests.kube.process_kubelet import ProcessKubelet
 from tests.kube.semantics import FINETUNEJOBS
 from tests.manifests import minimal_manifest
 from tests.s3server import REGION, s3_server
 from tests.trainer_runs import s3_client, seed_store
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.system]
 
-NS = "ml"
 BUCKET = "system"  # moto's state is process-wide: a bucket of its own
 GRACE_SECONDS = 30  # the pods' terminationGracePeriodSeconds: ample for a tiny checkpoint
 RUN_TIMEOUT = 150.0
@@ -69,51 +71,67 @@ def manifest(name: str, endpoint: str, max_steps: int, every: int) -> dict[str, 
             "precision": "fp32",
         },
         evaluation={"everySteps": every},
-        resources={"nodes": 2, "gpusPerNode": 0},
+        resources={
+            "nodes": 2,
+            "gpusPerNode": 0,
+            "nodeSelector": {"finetune.dev/test-kubelet": "process"},
+            "tolerations": [{**PROCESS_TAINT, "operator": "Equal"}],
+        },
         storage={"endpoint": endpoint, "region": REGION, "credentialsSecret": "s3-creds"},
         output={"uri": f"s3://{BUCKET}/out/{name}/", "checkpointEverySteps": every},
     )
 
 
-def _reconciler(url: str) -> Reconciler:
+def _reconciler(identity: Identity) -> Reconciler:
     settings = WorkerSettings(default_image="trainer:test", termination_grace_seconds=GRACE_SECONDS)
     poller = ProgressPoller(interval=1.0)  # worker 0's /progress, at 127.0.0.1:29600
-    return Reconciler(KubeApi(load_api_client(url)), settings, OperatorMetrics(), post_event, poller)
+    return Reconciler(KubeApi(identity.api_client()), settings, OperatorMetrics(), post_event, poller)
 
 
 class System(NamedTuple):
-    kube: KubeEmulator
+    kube: KubeClient
     kubelet: ProcessKubelet
     operator: OperatorRun
+    namespace: str
 
 
-@contextlib.asynccontextmanager
-async def system(tmp_path: Path) -> AsyncIterator[System]:
+Running = Callable[[], contextlib.AbstractAsyncContextManager[System]]
+
+
+@pytest.fixture
+def system(
+    control_plane: RealCluster, operator_identity: Identity, namespace: str, tmp_path: Path
+) -> Running:
     """API, operator and kubelet; on the way out, every process the pods started must be gone."""
-    async with emulated_cluster() as (url, kube):
+
+    @contextlib.asynccontextmanager
+    async def running() -> AsyncIterator[System]:
+        kube = control_plane.admin
         secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-        kube.create_object("v1/secrets", {"metadata": {"name": "s3-creds"}, "stringData": secret}, NS)
-        memo = kopf.Memo(context=OperatorContext(reconciler=_reconciler(url), resync_seconds=0.5))
-        async with running_operator(url, registry, namespaces=[NS], memo=memo) as operator:
-            async with ProcessKubelet(kube, tmp_path / "pods", NS) as kubelet:
-                yield System(kube, kubelet, operator)
+        kube.create_object("v1/secrets", {"metadata": {"name": "s3-creds"}, "stringData": secret}, namespace)
+        context = OperatorContext(reconciler=_reconciler(operator_identity), resync_seconds=0.5)
+        memo = kopf.Memo(context=context)
+        connection = operator_identity.connection(control_plane.url, control_plane.ca_path)
+        async with running_operator(connection, registry, namespaces=[namespace], memo=memo) as operator:
+            async with ProcessKubelet(kube, tmp_path / "pods", namespace, node=PROCESS_NODE) as kubelet:
+                yield System(kube, kubelet, operator, namespace)
             assert kubelet.alive() == [], "processes survived the kubelet"
 
-
-def status(kube: KubeEmulator, name: str) -> dict[str, Any]:
-    return (kube.get_object(FINETUNEJOBS, NS, name) or {}).get("status") or {}
+    return running
 
 
-async def phase(
-    kube: KubeEmulator, kubelet: ProcessKubelet, name: str, expected: str, timeout: float = RUN_TIMEOUT
-) -> dict[str, Any]:
+def status(system: System, name: str) -> dict[str, Any]:
+    return (system.kube.get_object(FINETUNEJOBS, system.namespace, name) or {}).get("status") or {}
+
+
+async def phase(system: System, name: str, expected: str, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
     try:
-        await kube.wait_for(
-            lambda: status(kube, name).get("phase") == expected, timeout, f"{name} {expected}"
+        await system.kube.wait_for(
+            lambda: status(system, name).get("phase") == expected, timeout, f"{name} {expected}"
         )
     except AssertionError as error:
-        raise AssertionError(f"{error}; status {status(kube, name)}\n{logs(kubelet)}") from None
-    return status(kube, name)
+        raise AssertionError(f"{error}; status {status(system, name)}\n{logs(system.kubelet)}") from None
+    return status(system, name)
 
 
 def logs(kubelet: ProcessKubelet) -> str:
@@ -121,17 +139,17 @@ def logs(kubelet: ProcessKubelet) -> str:
     return "\n".join(f"--- {p.directory.name}\n{p.log()[-2500:]}" for p in kubelet.pods.values())
 
 
-def event_reasons(kube: KubeEmulator, name: str) -> list[str]:
-    return [e.get("reason") for e in kube.events_for(name, NS)]
+def event_reasons(system: System, name: str) -> list[str]:
+    return [e.get("reason") for e in system.kube.events_for(name, system.namespace)]
 
 
 @contextlib.asynccontextmanager
-async def recorded(kube: KubeEmulator, name: str) -> AsyncIterator[list[dict[str, Any]]]:
+async def recorded(system: System, name: str) -> AsyncIterator[list[dict[str, Any]]]:
     """The job's status each time its phase or progress changed, sampled far faster than they change."""
     samples: list[dict[str, Any]] = []
 
     def sample() -> None:
-        now = status(kube, name)
+        now = status(system, name)
         if not samples or (samples[-1].get("phase"), samples[-1].get("progress")) != (
             now.get("phase"),
             now.get("progress"),
@@ -179,15 +197,19 @@ def dedupe(values: list[str]) -> list[str]:
     return [v for i, v in enumerate(values) if v and (i == 0 or values[i - 1] != v)]
 
 
-async def test_two_node_lora_job_runs_to_a_loadable_adapter(store: tuple[str, Path], tmp_path: Path) -> None:
+async def test_two_node_lora_job_runs_to_a_loadable_adapter(
+    store: tuple[str, Path], system: Running, tmp_path: Path
+) -> None:
     endpoint, base_model = store
-    async with system(tmp_path) as (kube, kubelet, _), recorded(kube, "lora") as samples:
-        kube.create_object(FINETUNEJOBS, manifest("lora", endpoint, max_steps=400, every=100), NS)
-        done = await phase(kube, kubelet, "lora", "Succeeded")
-        workers = [kubelet.instances(f"lora-worker-{rank}") for rank in (0, 1)]
+    async with system() as cluster, recorded(cluster, "lora") as samples:
+        cluster.kube.create_object(
+            FINETUNEJOBS, manifest("lora", endpoint, max_steps=400, every=100), cluster.namespace
+        )
+        done = await phase(cluster, "lora", "Succeeded")
+        workers = [cluster.kubelet.instances(f"lora-worker-{rank}") for rank in (0, 1)]
     phases = dedupe([s.get("phase", "") for s in samples])
     assert phases == ["Pending", "Initializing", "Running", "Succeeded"], phases
-    assert event_reasons(kube, "lora") == ["Pending", "Initializing", "Running", "Succeeded"]
+    assert event_reasons(cluster, "lora") == ["Pending", "Initializing", "Running", "Succeeded"]
     assert [[p.exit_code for p in w] for w in workers] == [[0], [0]]
 
     # While it runs, the operator copies worker 0's /progress into the status.
@@ -213,12 +235,15 @@ async def test_two_node_lora_job_runs_to_a_loadable_adapter(store: tuple[str, Pa
 
 
 async def test_killed_worker_restarts_the_gang_from_the_newest_checkpoint(
-    store: tuple[str, Path], tmp_path: Path
+    store: tuple[str, Path], system: Running
 ) -> None:
     endpoint, _ = store
     output = f"s3://{BUCKET}/out/killed/"
-    async with system(tmp_path) as (kube, kubelet, _):
-        kube.create_object(FINETUNEJOBS, manifest("killed", endpoint, max_steps=300, every=50), NS)
+    async with system() as cluster:
+        kube, kubelet = cluster.kube, cluster.kubelet
+        kube.create_object(
+            FINETUNEJOBS, manifest("killed", endpoint, max_steps=300, every=50), cluster.namespace
+        )
         saved = await first_checkpoint(endpoint, "out/killed/", kubelet)
         kubelet.kill_worker("killed-worker-1")
         await kube.wait_for(
@@ -227,34 +252,35 @@ async def test_killed_worker_restarts_the_gang_from_the_newest_checkpoint(
         # The first attempt is gone (its pods are deleted only once their processes are): nothing
         # else can complete a checkpoint before the second attempt resumes.
         newest = (await asyncio.to_thread(complete_checkpoints, endpoint, "out/killed/"))[-1]
-        done = await phase(kube, kubelet, "killed", "Succeeded")
+        done = await phase(cluster, "killed", "Succeeded")
         first, second = kubelet.instances("killed-worker-0")
         killed = kubelet.instances("killed-worker-1")[0]
     assert killed.exit_code == 137 and newest >= saved
-    assert done["restarts"] == 1 and event_reasons(kube, "killed").count("GangRestart") == 1
+    assert done["restarts"] == 1 and event_reasons(cluster, "killed").count("GangRestart") == 1
     assert f"resumed from {output}checkpoints/step-{newest}/" in second.log(), second.log()[-3000:]
     assert "resumed from" not in first.log()
 
 
 async def test_suspend_stops_the_workers_after_a_checkpoint_and_resume_continues(
-    store: tuple[str, Path], tmp_path: Path
+    store: tuple[str, Path], system: Running
 ) -> None:
     endpoint, _ = store
     output = f"s3://{BUCKET}/out/paused/"
-    async with system(tmp_path) as (kube, kubelet, _operator):
-        kube.create_object(FINETUNEJOBS, manifest("paused", endpoint, max_steps=300, every=50), NS)
+    async with system() as cluster:
+        kube, kubelet, ns = cluster.kube, cluster.kubelet, cluster.namespace
+        kube.create_object(FINETUNEJOBS, manifest("paused", endpoint, max_steps=300, every=50), ns)
         await first_checkpoint(endpoint, "out/paused/", kubelet)
-        kube.patch_object(FINETUNEJOBS, NS, "paused", {"spec": {"runPolicy": {"suspend": True}}})
-        await phase(kube, kubelet, "paused", "Suspended", timeout=10)
+        kube.patch_object(FINETUNEJOBS, ns, "paused", {"spec": {"runPolicy": {"suspend": True}}})
+        await phase(cluster, "paused", "Suspended", timeout=10)
         # Resume at once, while the suspended workers are still saving their checkpoint: the operator
         # must wait for them to stop rather than take them for failures of the resumed job.
-        kube.patch_object(FINETUNEJOBS, NS, "paused", {"spec": {"runPolicy": {"suspend": False}}})
-        done = await phase(kube, kubelet, "paused", "Succeeded")
+        kube.patch_object(FINETUNEJOBS, ns, "paused", {"spec": {"runPolicy": {"suspend": False}}})
+        done = await phase(cluster, "paused", "Succeeded")
         stopped = [kubelet.instances(f"paused-worker-{rank}")[0] for rank in (0, 1)]
         assert [p.exit_code for p in stopped] == [STOPPED_EXIT_CODE] * 2, logs(kubelet)
         summary = parse_termination_message(stopped[0].message)
         assert summary is not None and summary.outcome == "stopped" and summary.step
         resumed = kubelet.instances("paused-worker-0")[-1]
-    assert done["restarts"] == 0, [(e["reason"], e["message"]) for e in kube.events_for("paused", NS)]
-    assert {"Suspended", "Resumed"} <= set(event_reasons(kube, "paused"))
+    assert done["restarts"] == 0, [(e["reason"], e["message"]) for e in kube.events_for("paused", ns)]
+    assert {"Suspended", "Resumed"} <= set(event_reasons(cluster, "paused"))
     assert f"resumed from {output}checkpoints/step-{summary.step}/" in resumed.log(), resumed.log()[-3000:]

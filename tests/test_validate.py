@@ -233,7 +233,7 @@ CASES = [
     pytest.param(with_field("metadata.name", "base_job"), "(document)",
                  ['metadata.name "base_job" must be a DNS-1035 label'], CEL, id="name-underscore"),
     pytest.param(with_field("metadata.name", LONG_NAME), "(document)",
-                 [f'metadata.name "{LONG_NAME}" is 53 characters; at most 52 are allowed'], CEL,
+                 [f'metadata.name "{LONG_NAME}" is longer than 52 characters, the most allowed'], CEL,
                  id="name-53-characters"),
     # Cross-field CEL rules: reported at the rule's fieldPath with the value found there.
     pytest.param(with_field("spec.method.type", "full"), "spec.method.lora",

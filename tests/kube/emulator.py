@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import inspect
 import json
 import random
 import string
@@ -30,6 +29,7 @@ import jsonpatch
 import kmock
 from kmock._internal.rendering import StreamingError  # not exported by kmock 0.8
 
+from .client import wait_for
 from .semantics import (
     CRD,
     CRDS,
@@ -370,15 +370,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self, predicate: Callable[[], T | Awaitable[T]], timeout: float = 5, what: str = ""
     ) -> T:
         """Poll until the predicate gives a truthy value, and return it; fail the test after the timeout."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            result = predicate()
-            result = await result if inspect.isawaitable(result) else result
-            if result:
-                return result
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"Not true within {timeout}s: {what or predicate}")
-            await asyncio.sleep(0.02)
+        return await wait_for(predicate, timeout, what)
 
     def refuse(self, action: str | None, resource: Ref | None, **rule: Any) -> Refusal:
         """Make matching API requests fail, e.g. ``kube.refuse('create', 'v1/pods', status=403)``, until

@@ -83,24 +83,26 @@ class OperatorRun:
             self.failure = e
 
 
-_servers: weakref.WeakKeyDictionary[kopf.OperatorRegistry, list[str]] = weakref.WeakKeyDictionary()
+_servers: weakref.WeakKeyDictionary[kopf.OperatorRegistry, list[kopf.ConnectionInfo]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _log_in(registry: kopf.OperatorRegistry, url: str) -> None:
-    """Register (once per registry) a login handler that points kopf at the current emulator."""
+def _log_in(registry: kopf.OperatorRegistry, connection: kopf.ConnectionInfo) -> None:
+    """Register (once per registry) a login handler that points kopf at the current API server."""
     if registry not in _servers:
-        server = _servers[registry] = [url]
+        server = _servers[registry] = [connection]
 
-        @kopf.on.login(registry=registry, id="kube-emulator")
+        @kopf.on.login(registry=registry, id="test-api-server")
         async def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=server[0], default_namespace="default")
+            return server[0]
 
-    _servers[registry][0] = url
+    _servers[registry][0] = connection
 
 
 @contextlib.asynccontextmanager
 async def running_operator(
-    url: str,
+    api: str | kopf.ConnectionInfo,
     registry: kopf.OperatorRegistry,
     *,
     namespaces: Collection[str] = (),
@@ -109,14 +111,19 @@ async def running_operator(
     startup_timeout: float = 10,
     **kwargs: Any,
 ) -> AsyncIterator[OperatorRun]:
-    """Run ``kopf.operator()`` (standalone: no peering) against the emulator until the block exits.
+    """Run ``kopf.operator()`` (standalone: no peering) until the block exits.
+
+    ``api`` is the emulator's URL, or a real API server with the operator's credentials.
 
     It runs in a thread with its own event loop: when stopping, kopf waits (up to 5 s) for, then cancels,
     every task created in its loop since its start; in the test's loop, those would include the emulator's
     request handlers and the test's own tasks. Extra kwargs go to ``kopf.operator()``, e.g. ``memo``.
     The ``indices`` of the yielded run are the operator's indices, for assertions.
     """
-    _log_in(registry, url)
+    _log_in(
+        registry,
+        kopf.ConnectionInfo(server=api, default_namespace="default") if isinstance(api, str) else api,
+    )
     ready, run = threading.Event(), OperatorRun(threading.Event(), kwargs.pop("indexers", OperatorIndexers()))
     options = dict(registry=registry, settings=settings or fast_settings(), standalone=True, **kwargs)
     options |= dict(namespaces=namespaces, clusterwide=clusterwide, indexers=run.indexers)

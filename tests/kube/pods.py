@@ -1,35 +1,37 @@
 """A pod-lifecycle simulator (like kwok): moves worker pods through the phases a kubelet would.
 
-Tests call these to play the cluster's part; each writes the pod's status through the emulator's
-status subresource, as a kubelet does.
+Tests call these to play the cluster's part; each writes the pod's status through the status
+subresource, as a kubelet does, on the emulator or on the real API server.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .client import KubeClient
 from .emulator import KubeEmulator
 
 PODS = "v1/pods"
+Kube = KubeEmulator | KubeClient
 
 
-def worker_pods(kube: KubeEmulator, namespace: str, job: str) -> list[dict[str, Any]]:
+def worker_pods(kube: Kube, namespace: str, job: str) -> list[dict[str, Any]]:
     pods = kube.list_objects(PODS, namespace, labels=f"finetune.dev/job-name={job}")
     return sorted(pods, key=lambda p: p["metadata"]["name"])
 
 
-def _set_status(kube: KubeEmulator, pod: dict[str, Any], status: dict[str, Any]) -> None:
+def _set_status(kube: Kube, pod: dict[str, Any], status: dict[str, Any]) -> None:
     kube.patch_object(
         PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], {"status": status}, sub="status"
     )
 
 
-def unschedulable(kube: KubeEmulator, pod: dict[str, Any], message: str) -> None:
+def unschedulable(kube: Kube, pod: dict[str, Any], message: str) -> None:
     condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
     _set_status(kube, pod, {"phase": "Pending", "conditions": [condition]})
 
 
-def run(kube: KubeEmulator, pod: dict[str, Any], ready: bool = False, ip: str = "") -> None:
+def run(kube: Kube, pod: dict[str, Any], ready: bool = False, ip: str = "") -> None:
     rank = int(pod["metadata"]["labels"]["finetune.dev/node-rank"])
     _set_status(
         kube,
@@ -46,9 +48,7 @@ def run(kube: KubeEmulator, pod: dict[str, Any], ready: bool = False, ip: str = 
     )
 
 
-def terminate(
-    kube: KubeEmulator, pod: dict[str, Any], code: int, message: str = "", reason: str = ""
-) -> None:
+def terminate(kube: Kube, pod: dict[str, Any], code: int, message: str = "", reason: str = "") -> None:
     terminated = {
         "exitCode": code,
         "reason": reason or ("Completed" if code == 0 else "Error"),

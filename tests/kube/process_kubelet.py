@@ -1,7 +1,8 @@
 """A "process kubelet": runs the emulator's pods as local processes, for whole-system tests.
 
 ``pods.py`` moves pods through their phases by hand; this runs what the pods say instead, so that
-the real operator drives the real trainer. The container's argv runs (never through a shell) with
+the real operator drives the real trainer, on the emulator or on the real API server (there it runs
+the pods that the scheduler bound to its node). The container's argv runs (never through a shell) with
 the pod's environment, Secrets and field references resolved as a kubelet resolves them, and the
 paths a container sees remapped onto a scratch directory per pod: ConfigMap volumes become
 directories of their files, emptyDirs directories, the termination-message path a file. Every pod
@@ -10,8 +11,9 @@ is on this machine, so a pod's DNS name under its headless Service is 127.0.0.1.
 Like a kubelet it writes the pod's status through the status subresource (Running; Ready from the
 readiness probe; Succeeded or Failed with the exit code and the termination message) and honours
 graceful deletion, through a finalizer of its own: SIGTERM, the pod's grace period, SIGKILL, and
-only then does the finalizer go and the emulator delete the pod, so a recreated pod never meets
-the previous one's processes (or ports).
+only then does the finalizer go and the pod is deleted (a real API server also waits for the
+kubelet's delete with grace period 0), so a recreated pod never meets the previous one's processes
+(or ports).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import IO, Any
 import kmock
 from finetune_trainer.launch import descendants
 
-from .emulator import KubeEmulator
+from .client import KubeClient
+from .pods import Kube
 
 PODS = "v1/pods"
 FINALIZER = "test.finetune.dev/process-kubelet"
@@ -110,13 +113,16 @@ class PodProcess:
 
 
 class ProcessKubelet:
-    """An async context manager: runs the pods of ``namespace`` (all when None) until the block exits,
-    then kills every process it started."""
+    """An async context manager: runs the pods of ``namespace`` (all when None) bound to ``node``
+    (any pod when None, as on the emulator) until the block exits, then kills every process it started."""
 
-    def __init__(self, kube: KubeEmulator, scratch: Path, namespace: str | None = None) -> None:
+    def __init__(
+        self, kube: Kube, scratch: Path, namespace: str | None = None, node: str | None = None
+    ) -> None:
         self.kube = kube
         self.scratch = scratch
         self.namespace = namespace
+        self.node = node
         self.pods: dict[str, PodProcess] = {}  # by uid, finished pods included (for their logs)
         self._task: asyncio.Task[None] | None = None
 
@@ -156,7 +162,8 @@ class ProcessKubelet:
     async def _loop(self) -> None:
         while True:  # polling is enough: pods change on the scale of seconds
             for pod in self.kube.list_objects(PODS, self.namespace):
-                await self._sync(pod)
+                if self.node is None or pod["spec"].get("nodeName") == self.node:
+                    await self._sync(pod)
             await asyncio.sleep(0.2)
 
     async def _sync(self, pod: dict[str, Any]) -> None:
@@ -304,7 +311,7 @@ class ProcessKubelet:
 
     def _terminate(self, record: PodProcess, pod: dict[str, Any]) -> None:
         """SIGTERM to the launcher (which passes it to the ranks), SIGKILL after the grace period; once
-        nothing runs, our finalizer goes and the emulator completes the deletion."""
+        nothing runs, our finalizer goes and the deletion completes."""
         now = asyncio.get_running_loop().time()
         if record.running and record.process is not None and record.kill_at is None:
             record.process.send_signal(signal.SIGTERM)
@@ -315,6 +322,8 @@ class ProcessKubelet:
             finalizers = [f for f in pod["metadata"].get("finalizers", []) if f != FINALIZER]
             patch = {"metadata": {"finalizers": finalizers or None}}
             self.kube.patch_object(PODS, record.namespace, record.name, patch)
+            if isinstance(self.kube, KubeClient):  # the emulator deletes once the finalizers are gone
+                self.kube.delete_object(PODS, record.namespace, record.name, grace_seconds=0)
 
     def _status(self, record: PodProcess, status: dict[str, Any]) -> None:
         with contextlib.suppress(kmock.KubernetesError):  # the pod is gone already: nothing to report

@@ -133,15 +133,26 @@ def _type_schema(annotation: Any) -> dict[str, Any]:
 def _crd_default(field: FieldInfo) -> Any:
     """The default the API server should apply, or PydanticUndefined for none.
 
-    Nested objects default to ``{}`` so that the API server fills in their own defaults; empty maps
-    and lists and ``None`` need no default.
+    A nested object defaults to its fields' own defaults, spelled out: the API server checks each
+    default against the CEL rules as written (``{}`` fails ``self.offload == 'none'``: no such key),
+    before any nested default is filled in. Empty maps and lists and ``None`` need no default.
     """
     if field.default_factory is not None:
         value = field.default_factory()  # type: ignore[call-arg]
-        return {} if isinstance(value, BaseModel) else PydanticUndefined
+        return _object_default(type(value)) if isinstance(value, BaseModel) else PydanticUndefined
     if field.default is None:
         return PydanticUndefined
     return field.default
+
+
+def _object_default(model: type[BaseModel]) -> dict[str, Any]:
+    """What the API server makes of ``{}`` for ``model``: each field's own default, recursively."""
+    defaults = {key: _crd_default(field) for key, field in _properties(model)}
+    return {key: value for key, value in defaults.items() if value is not PydanticUndefined}
+
+
+def _properties(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
+    return [(field.alias or name, field) for name, field in model.model_fields.items()]
 
 
 def field_schema(field: FieldInfo) -> dict[str, Any]:
@@ -161,8 +172,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """An object schema for a model: its fields, required list, description and CEL rules."""
     properties: dict[str, Any] = {}
     required: list[str] = []
-    for name, field in model.model_fields.items():
-        key = field.alias or name
+    for key, field in _properties(model):
         properties[key] = field_schema(field)
         if field.is_required():
             required.append(key)

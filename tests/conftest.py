@@ -1,0 +1,61 @@
+"""Test tiers and the real control plane.
+
+Every test is in one tier, so a contributor can run one with ``pytest -m TIER``:
+- ``unit``: pure functions, the emulated API, single processes; seconds.
+- ``controlplane``: against the real kube-apiserver, etcd, controller-manager and scheduler started
+  once per session (``control_plane``); needs ``make cluster-bin``.
+- ``system``: the real trainer (DeepSpeed ranks, S3 on loopback), alone or under the operator.
+A module says ``pytestmark = pytest.mark.system``; a test that takes the control plane is in that
+tier too; the rest are ``unit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.kube.cluster import GPU_NODES, Identity, RealCluster, chart_rbac, set_up
+from tests.kube.controlplane import running_control_plane
+from tests.kube.nodes import NodeAgent
+from tests.test_chart import render
+
+TIERS = ("unit", "controlplane", "system")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: fast tests of one part (the default tier)")
+    config.addinivalue_line("markers", "controlplane: tests against the real Kubernetes control plane")
+    config.addinivalue_line("markers", "system: tests that run the real trainer")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "control_plane" in fixtures and not item.get_closest_marker("controlplane"):
+            item.add_marker(pytest.mark.controlplane)
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    """One real control plane for the session: the CRD, four 8-GPU nodes and a node agent."""
+    with running_control_plane(tmp_path_factory.mktemp("control-plane")) as plane:
+        cluster = set_up(plane)
+        with NodeAgent(cluster.admin, frozenset(GPU_NODES)).running():
+            yield cluster
+
+
+@pytest.fixture(scope="session")
+def operator_identity(control_plane: RealCluster) -> Identity:
+    """The chart's ServiceAccount with the chart's default (cluster-wide) RBAC, as `helm install`."""
+    return control_plane.grant("operator", chart_rbac(render()))
+
+
+@pytest.fixture
+def namespace(control_plane: RealCluster) -> Iterator[str]:
+    """A namespace of the test's own, deleted (with everything in it) afterwards."""
+    name = control_plane.create_namespace()
+    yield name
+    control_plane.delete_namespace(name)
