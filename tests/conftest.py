@@ -47,15 +47,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClus
             yield cluster
 
 
-@pytest.fixture(scope="session")
-def operator_identity(control_plane: RealCluster) -> Identity:
-    """The chart's ServiceAccount with the chart's default (cluster-wide) RBAC, as `helm install`."""
-    return control_plane.grant("operator", chart_rbac(render()))
-
-
 @pytest.fixture
 def namespace(control_plane: RealCluster) -> Iterator[str]:
     """A namespace of the test's own, deleted (with everything in it) afterwards."""
     name = control_plane.create_namespace()
     yield name
     control_plane.delete_namespace(name)
+
+
+@pytest.fixture
+def operator_identity(control_plane: RealCluster, namespace: str) -> Identity:
+    """The chart's ServiceAccount with the RBAC of `helm install --set watchNamespaces={NS}`: a Role in
+    the test's namespace and the small ClusterRole kopf needs to observe namespaces and CRDs."""
+    return control_plane.grant("operator", chart_rbac(render({"watchNamespaces": [namespace]})))

@@ -25,6 +25,7 @@ def _status_block(output: str) -> dict[str, Any]:
     return yaml.safe_load(block)["status"]
 
 
+@pytest.mark.system
 def test_demo_fine_tunes_a_tiny_model_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [FINETUNE, "demo", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600
@@ -55,6 +56,7 @@ def test_demo_fine_tunes_a_tiny_model_end_to_end(tmp_path: Path) -> None:
     assert "> What is the capital of France?" in result.stdout
 
 
+@pytest.mark.system
 def test_run_reports_a_non_retryable_failure_as_the_operator_would(tmp_path: Path) -> None:
     prepare(tmp_path)
     (tmp_path / "s3" / "datasets" / "capitals" / "train.jsonl").write_text(

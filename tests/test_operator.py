@@ -350,7 +350,7 @@ async def test_a_missing_grant_is_refused_by_the_real_authorizer(
     control_plane: RealCluster, job: Job
 ) -> None:
     """The chart's roles without `create pods`: the operator's calls meet 403 and the job says so."""
-    rbac = chart_rbac(render())
+    rbac = chart_rbac(render({"watchNamespaces": [job.namespace]}))
     for obj in rbac:
         obj["metadata"]["name"] = f"{obj['metadata']['name']}-no-pods"
         for rule in obj.get("rules", []):

@@ -1,8 +1,12 @@
-"""`finetune-operator` as users run it: a real process, logging in through a kubeconfig."""
+"""`finetune-operator` as users run it: a real process on the real control plane, logging in through a
+kubeconfig that holds a token of the chart's ServiceAccount, so the real authorizer judges every call
+with exactly the RBAC that `helm template` renders.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,15 +14,17 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.kube import pods as kubelet
-from tests.kube.fixtures import emulated_cluster
+from tests.kube.cluster import Identity, RealCluster
 from tests.kube.semantics import FINETUNEJOBS
-from tests.test_operator import NS, manifest
+from tests.test_operator import Job
+
+OPERATOR = str(Path(sys.executable).parent / "finetune-operator")
 
 
 def _free_port() -> int:
@@ -35,62 +41,99 @@ def _get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _kubeconfig(path: Path, server: str) -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "emulated", "cluster": {"server": server}}],
-        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
-        "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "tester"}}],
-        "current-context": "emulated",
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+class OperatorProcess:
+    """One `finetune-operator` process, its ports and its log."""
+
+    def __init__(self, identity: Identity, namespace: str, log: Path) -> None:
+        self.liveness, self.metrics = _free_port(), _free_port()
+        self.log = log
+        command = [
+            OPERATOR,
+            f"--namespace={namespace}",
+            f"--liveness-port={self.liveness}",
+            f"--metrics-port={self.metrics}",
+            "--default-image=registry.example/trainer:9",
+            "--log-format=json",
+            "--resync-seconds=1",
+        ]
+        env = {**os.environ, "KUBECONFIG": str(identity.kubeconfig)}
+        with log.open("a") as output:
+            self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+    def lines(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if line.strip()]
+
+
+@contextlib.asynccontextmanager
+async def operator_process(identity: Identity, namespace: str, log: Path) -> AsyncIterator[OperatorProcess]:
+    """Runs the operator until the block exits, then stops it with SIGTERM (SIGKILL if it was killed)."""
+    operator = OperatorProcess(identity, namespace, log)
+    try:
+        yield operator
+    finally:
+        if operator.process.poll() is None:
+            operator.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(operator.process.wait, 20)
 
 
 @pytest.mark.asyncio
-async def test_operator_process_serves_jobs_liveness_metrics_and_json_logs(tmp_path: Path) -> None:
-    liveness, metrics = _free_port(), _free_port()
-    async with emulated_cluster() as (url, kube):
-        env = {**os.environ, "KUBECONFIG": str(_kubeconfig(tmp_path / "kubeconfig", url))}
-        command = [
-            str(Path(sys.executable).parent / "finetune-operator"),
-            f"--namespace={NS}",
-            f"--liveness-port={liveness}",
-            f"--metrics-port={metrics}",
-            "--default-image=registry.example/trainer:9",
-            "--log-format=json",
-        ]
-        log = (tmp_path / "operator.log").open("w")
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            kube.create_object(FINETUNEJOBS, manifest(), NS)
-            pods = await kube.wait_for(lambda: kubelet.worker_pods(kube, NS, "llm"), timeout=30, what="pods")
-            assert pods[0]["spec"]["containers"][0]["image"] == "registry.example/trainer:9"
+async def test_operator_process_serves_jobs_liveness_metrics_and_json_logs(
+    control_plane: RealCluster, operator_identity: Identity, namespace: str, tmp_path: Path
+) -> None:
+    job = Job(control_plane.admin, namespace)
+    async with operator_process(operator_identity, namespace, tmp_path / "operator.log") as operator:
+        job.create()
+        pods = await job.gang()
+        assert pods[0]["spec"]["containers"][0]["image"] == "registry.example/trainer:9"
 
-            health = await kube.wait_for(
-                lambda: asyncio.to_thread(_get, f"http://127.0.0.1:{liveness}/healthz"), timeout=10
-            )
-            assert health[0] == 200
-            status, text = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics}/metrics")
-            assert status == 200
-            assert 'finetune_jobs{phase="Pending"} 1.0' in text
-            assert "finetune_time_to_all_workers_running_seconds_bucket" in text
-        finally:
-            process.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(process.wait, 20)
-            log.close()
-        lines = [line for line in (tmp_path / "operator.log").read_text().splitlines() if line.strip()]
-        assert code in (0, -signal.SIGTERM)
-        assert lines and all(json.loads(line)["message"] is not None for line in lines)
-        assert "Traceback" not in "\n".join(lines)
-        assert "not-checked" not in "\n".join(lines)
+        url = f"http://127.0.0.1:{operator.liveness}/healthz"
+        health = await job.kube.wait_for(lambda: asyncio.to_thread(_get, url), timeout=10)
+        assert health[0] == 200
+        await job.phase("Pending")
+        status, text = await asyncio.to_thread(_get, f"http://127.0.0.1:{operator.metrics}/metrics")
+        assert status == 200
+        assert 'finetune_jobs{phase="Pending"} 1.0' in text
+        assert "finetune_time_to_all_workers_running_seconds_bucket" in text
+    assert operator.process.returncode in (0, -signal.SIGTERM)
+    lines = operator.lines()
+    assert lines and all(json.loads(line)["message"] is not None for line in lines)
+    assert "Traceback" not in "\n".join(lines)
+    assert operator_identity.token not in operator.log.read_text()
+
+
+@pytest.mark.asyncio
+async def test_operator_killed_mid_run_and_restarted_converges_without_duplicates(
+    control_plane: RealCluster, operator_identity: Identity, namespace: str, tmp_path: Path
+) -> None:
+    """SIGKILL, as when its node dies: no cleanup ran; the next process picks the job up from the API."""
+    job = Job(control_plane.admin, namespace)
+    log = tmp_path / "operator.log"
+    async with operator_process(operator_identity, namespace, log) as first:
+        job.create()
+        pods = await job.gang()
+        job.run_all(pods)
+        await job.phase("Running")
+        first.process.kill()
+    assert first.process.returncode == -signal.SIGKILL
+    kubelet.terminate(job.kube, pods[1], 1)  # while no operator runs, a worker dies
+    async with operator_process(operator_identity, namespace, log):
+        second = await job.gang(attempt=1)
+        assert job.status()["restarts"] == 1
+        job.run_all(second)
+        await job.phase("Running")
+        await asyncio.sleep(3)  # several resyncs of the new process change nothing
+        assert job.status()["restarts"] == 1
+        assert [p["metadata"]["name"] for p in job.pods()] == ["llm-worker-0", "llm-worker-1"]
+        assert len(job.kube.list_objects("v1/services", namespace)) == 1
+        assert [c["metadata"]["name"] for c in job.kube.list_objects("v1/configmaps", namespace)] == [
+            "llm-config"
+        ]
+        assert job.event_reasons().count("GangRestart") == 1
+        assert job.kube.get_object(FINETUNEJOBS, namespace, "llm") is not None
 
 
 def test_help_lists_the_settings() -> None:
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "finetune-operator"), "--help"], capture_output=True, text=True
-    )
+    result = subprocess.run([OPERATOR, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for flag in ("--namespace", "--all-namespaces", "--default-image", "--peering", "--liveness-port"):
         assert flag in result.stdout

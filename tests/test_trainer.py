@@ -31,6 +31,8 @@ from tests.trainer_runs import (
     trainer_config,
 )
 
+pytestmark = pytest.mark.system
+
 BUCKET = "finetune"
 
 
