@@ -9,8 +9,8 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 
 setup: $(STAMP)
 
-# torch first, pinned: pip then finds the CPU build configured on this machine instead of
-# resolving a newer release with several GB of CUDA packages.
+# torch first, pinned: a newer release never comes in with the rest (where a CPU wheel index is
+# configured pip takes the CPU build; elsewhere PyPI's CUDA build, which runs on the CPU too).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch==2.13.0

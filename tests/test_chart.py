@@ -82,9 +82,9 @@ def chart() -> helm_python.Chart:
     return helm_python.Chart.load(CHART_DIR)
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def render(values: dict[str, Any] | None = None, release: str = RELEASE) -> list[dict[str, Any]]:
     """The objects `helm install ft charts/finetune-operator -n finetune-system` would create."""
-    manifests = chart().render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    manifests = chart().render(values or {}, name=release, namespace=NAMESPACE, is_install=True)
     objects: list[dict[str, Any]] = []
     for path, text in sorted(manifests.items()):
         if not path.endswith(".txt"):

@@ -343,6 +343,8 @@ async def test_more_gpus_than_any_node_has_is_pending_with_the_schedulers_messag
             "the scheduler's message in the status",
         )
         assert "Insufficient nvidia.com/gpu" in pending["message"]
+        unschedulable = condition(pending, "Running")
+        assert unschedulable["reason"] == "Unschedulable" and message in unschedulable["message"]
         assert all(not p["spec"].get("nodeName") for p in job.pods())
 
 

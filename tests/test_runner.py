@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.kube import pods as kubelet
-from tests.kube.cluster import Identity, RealCluster
+from tests.kube.cluster import Identity, RealCluster, chart_rbac
 from tests.kube.semantics import FINETUNEJOBS
+from tests.test_chart import render
 from tests.test_operator import Job
 
 OPERATOR = str(Path(sys.executable).parent / "finetune-operator")
@@ -44,12 +45,13 @@ def _get(url: str) -> tuple[int, str]:
 class OperatorProcess:
     """One `finetune-operator` process, its ports and its log."""
 
-    def __init__(self, identity: Identity, namespace: str, log: Path) -> None:
+    def __init__(self, identity: Identity, scope: str, log: Path) -> None:
+        """``scope``: ``--namespace=NS`` or ``--all-namespaces``."""
         self.liveness, self.metrics = _free_port(), _free_port()
         self.log = log
         command = [
             OPERATOR,
-            f"--namespace={namespace}",
+            scope,
             f"--liveness-port={self.liveness}",
             f"--metrics-port={self.metrics}",
             "--default-image=registry.example/trainer:9",
@@ -65,9 +67,13 @@ class OperatorProcess:
 
 
 @contextlib.asynccontextmanager
-async def operator_process(identity: Identity, namespace: str, log: Path) -> AsyncIterator[OperatorProcess]:
-    """Runs the operator until the block exits, then stops it with SIGTERM (SIGKILL if it was killed)."""
-    operator = OperatorProcess(identity, namespace, log)
+async def operator_process(
+    identity: Identity, namespace: str | None, log: Path
+) -> AsyncIterator[OperatorProcess]:
+    """Runs the operator (on one namespace, or all when None) until the block exits, then stops it
+    with SIGTERM."""
+    scope = f"--namespace={namespace}" if namespace else "--all-namespaces"
+    operator = OperatorProcess(identity, scope, log)
     try:
         yield operator
     finally:
@@ -99,6 +105,24 @@ async def test_operator_process_serves_jobs_liveness_metrics_and_json_logs(
     assert lines and all(json.loads(line)["message"] is not None for line in lines)
     assert "Traceback" not in "\n".join(lines)
     assert operator_identity.token not in operator.log.read_text()
+
+
+@pytest.mark.asyncio
+async def test_cluster_wide_operator_with_the_charts_default_rbac(
+    control_plane: RealCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The chart's default: one ClusterRole, every namespace watched (another release, so that its
+    ServiceAccount and grants stay apart from the namespaced ones of the other tests)."""
+    identity = control_plane.grant("cluster-wide", chart_rbac(render(release="cw")))
+    job = Job(control_plane.admin, namespace)
+    async with operator_process(identity, None, tmp_path / "operator.log") as operator:
+        job.create()
+        job.run_all(await job.gang())
+        await job.phase("Running")
+    assert operator.process.returncode in (0, -signal.SIGTERM)
+    lines = operator.lines()
+    assert "Traceback" not in "\n".join(lines)
+    assert not [line for line in lines if json.loads(line)["severity"] in ("error", "critical")]
 
 
 @pytest.mark.asyncio

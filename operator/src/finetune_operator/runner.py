@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kopf.operator(
                 registry=registry,
                 memo=memo,
-                namespaces=args.namespace or None,
+                namespaces=args.namespace,  # empty with clusterwide: kopf wants a collection, never None
                 clusterwide=not args.namespace,
                 standalone=not args.peering,
                 peering_name=args.peering or None,
