@@ -16,13 +16,15 @@ import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.kube import pods as kubelet
+from tests.kube.client import resource_path
 from tests.kube.cluster import Identity, RealCluster, chart_rbac
 from tests.kube.semantics import FINETUNEJOBS
-from tests.test_chart import render
+from tests.test_chart import CHART_DIR, render
 from tests.test_operator import Job
 
 OPERATOR = str(Path(sys.executable).parent / "finetune-operator")
@@ -45,8 +47,8 @@ def _get(url: str) -> tuple[int, str]:
 class OperatorProcess:
     """One `finetune-operator` process, its ports and its log."""
 
-    def __init__(self, identity: Identity, scope: str, log: Path) -> None:
-        """``scope``: ``--namespace=NS`` or ``--all-namespaces``."""
+    def __init__(self, identity: Identity, scope: str, log: Path, env: dict[str, str] | None = None) -> None:
+        """``scope``: ``--namespace=NS`` or ``--all-namespaces``; ``env``: more settings, as the chart's."""
         self.liveness, self.metrics = _free_port(), _free_port()
         self.log = log
         command = [
@@ -58,9 +60,9 @@ class OperatorProcess:
             "--log-format=json",
             "--resync-seconds=1",
         ]
-        env = {**os.environ, "KUBECONFIG": str(identity.kubeconfig)}
+        environment = {**os.environ, **(env or {}), "KUBECONFIG": str(identity.kubeconfig)}
         with log.open("a") as output:
-            self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, env=environment, stdout=output, stderr=subprocess.STDOUT)
 
     def lines(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if line.strip()]
@@ -68,12 +70,12 @@ class OperatorProcess:
 
 @contextlib.asynccontextmanager
 async def operator_process(
-    identity: Identity, namespace: str | None, log: Path
+    identity: Identity, namespace: str | None, log: Path, env: dict[str, str] | None = None
 ) -> AsyncIterator[OperatorProcess]:
     """Runs the operator (on one namespace, or all when None) until the block exits, then stops it
     with SIGTERM."""
     scope = f"--namespace={namespace}" if namespace else "--all-namespaces"
-    operator = OperatorProcess(identity, scope, log)
+    operator = OperatorProcess(identity, scope, log, env)
     try:
         yield operator
     finally:
@@ -154,6 +156,53 @@ async def test_operator_killed_mid_run_and_restarted_converges_without_duplicate
         ]
         assert job.event_reasons().count("GangRestart") == 1
         assert job.kube.get_object(FINETUNEJOBS, namespace, "llm") is not None
+
+
+@pytest.mark.asyncio
+async def test_two_peered_replicas_run_one_operator_and_the_other_takes_over(
+    control_plane: RealCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The chart with `replicas: 2`: its KopfPeering, its peering grants and the replicas' settings."""
+    rendered = render({"replicas": 2, "watchNamespaces": [namespace]}, release="ha")
+    control_plane.kubectl("apply", "--server-side", "-f", str(CHART_DIR / "crds" / "kopf-peering.yaml"))
+    control_plane.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev")
+    control_plane.apply([o for o in rendered if o["kind"] == "KopfPeering"])
+    identity = control_plane.grant("peered", chart_rbac(rendered))
+    [deployment] = [o for o in rendered if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    chart_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    peering = {k: v for k, v in chart_env.items() if k in ("FINETUNE_PEERING", "FINETUNE_PRIORITY")}
+    assert peering["FINETUNE_PRIORITY"] == "random"
+    job = Job(control_plane.admin, namespace)
+    async with (
+        operator_process(identity, namespace, tmp_path / "a.log", {**peering, "POD_ID": "peer-a"}) as a,
+        operator_process(identity, namespace, tmp_path / "b.log", {**peering, "POD_ID": "peer-b"}) as b,
+    ):
+        path = resource_path("kopf.dev/v1/kopfpeerings", namespace, peering["FINETUNE_PEERING"])
+
+        def peers() -> dict[str, Any]:
+            body = job.kube.request("GET", path) or {}
+            return {k: v for k, v in (body.get("status") or {}).items() if k in ("peer-a", "peer-b")}
+
+        known = await job.kube.wait_for(lambda: len(peers()) == 2 and peers(), 30, "both replicas peered")
+        job.create()
+        pods = await job.gang()
+        job.run_all(pods)
+        await job.phase("Running")
+        active = max(known, key=lambda peer: known[peer]["priority"])
+        leaving, staying = (a, b) if active == "peer-a" else (b, a)
+        await job.kube.wait_for(lambda: "Running" in job.event_reasons(), 10, "the Running event")
+        assert job.event_reasons().count("Running") == 1  # one operator acted, not two
+        assert "Handler" not in staying.log.read_text()  # the other replica stays paused, silent
+        leaving.process.send_signal(signal.SIGTERM)  # a rolling update: the active replica goes first
+        await asyncio.to_thread(leaving.process.wait, 20)
+        kubelet.terminate(job.kube, pods[1], 1)  # only the replica that stays can restart the gang
+        job.run_all(await job.gang(attempt=1))
+        await job.phase("Running")
+        assert job.status()["restarts"] == 1 and staying.process.poll() is None
+        assert "Resuming operations" in staying.log.read_text()
+    for replica in (a, b):
+        assert "Traceback" not in replica.log.read_text()
 
 
 def test_help_lists_the_settings() -> None:
