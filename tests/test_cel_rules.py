@@ -718,9 +718,16 @@ def test_violation_path_is_the_rules_field_path(obj: Any, path: tuple[str, ...])
 
 @pytest.mark.parametrize("param", [pytest.param(p, id=p.id) for p in CASES if p.values[3]])
 def test_violation_message_is_the_rules_message(param: Any) -> None:
+    # A messageExpression whose result has a line break (a name with one) gives way to the message,
+    # as on the API server.
+    broken_line = (
+        "\n" in str(param.values[2].get("metadata", {}).get("name", ""))
+        if isinstance(param.values[2], dict)
+        else False
+    )
     for violation in _violations(param.values[2]):
         rule = _rule_of(violation)
-        if rule.message_expression:
+        if rule.message_expression and not broken_line:
             assert violation.message != rule.message and "failed rule" not in violation.message
         else:
             assert violation.message == rule.message

@@ -3,7 +3,8 @@
 The heart of this file is CASES: each row is a valid base manifest with one small mutation, the dotted
 field path the report must name and the words it must contain. The structural rows are also checked
 against the committed CRD's openAPIV3Schema, and the CEL rows against the CRD's own CEL rules, so the
-CLI and the API server agree on what is wrong.
+CLI and the API server agree on what is wrong; tests/test_apiserver.py sends every row, and every
+ACCEPTED variant, to the real API server as well.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 from finetune_operator.cel import evaluate_rules
 from finetune_operator.cli import main
 from finetune_operator.spec import FinetuneJob
-from finetune_operator.validation import defaulted, dotted
+from finetune_operator.validation import defaulted, dotted, parse_finetune_job
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -122,6 +123,8 @@ def to_yaml(document: Any) -> str:
 REQUIRED, PATTERN, TYPE, RANGE, ENUM = "required", "pattern", "type", "range", "enum"
 STRUCTURAL = {REQUIRED, PATTERN, TYPE, RANGE, ENUM}
 UNKNOWN, CEL, IDENTITY, YAML = "unknown-field", "cel", "identity", "yaml"
+# What the API server checks besides the schema: ObjectMeta, and numbers as it decodes them.
+METADATA, DECODING = "metadata", "decoding"
 
 LONG_NAME = "a" * 53
 CASES = [
@@ -173,8 +176,10 @@ CASES = [
                  ['got "2"', "must be an integer"], TYPE, id="string-for-integer"),
     pytest.param(with_field("spec.hyperparameters.epochs", True), "spec.hyperparameters.epochs",
                  ["got true", "must be an integer"], TYPE, id="bool-for-integer"),
-    pytest.param(with_field("spec.hyperparameters.seed", 1.0), "spec.hyperparameters.seed",
-                 ["got 1.0", "must be an integer"], TYPE, id="float-for-integer"),
+    pytest.param(with_field("spec.hyperparameters.seed", 1.5), "spec.hyperparameters.seed",
+                 ["got 1.5", "must be an integer"], TYPE, id="float-for-integer"),
+    pytest.param(with_field("spec.resources.tolerations", [None]), "spec.resources.tolerations[0]",
+                 ["got null", "must be a mapping"], TYPE, id="null-toleration"),
     pytest.param(with_field("spec.resources", [{"nodes": 2}]), "spec.resources",
                  ['got [{"nodes": 2}]', "must be a mapping"], TYPE, id="list-for-mapping"),
     pytest.param(with_field("spec.resources.tolerations", {"key": "gpu"}), "spec.resources.tolerations",
@@ -272,9 +277,58 @@ CASES = [
                  id="wrong-api-version"),
     pytest.param(with_field("kind", "FinetuneJobs"), "kind",
                  ['got "FinetuneJobs"', "must be one of 'FinetuneJob'"], IDENTITY, id="wrong-kind"),
+    pytest.param(without_field("apiVersion"), "apiVersion", ["required field is missing"], IDENTITY,
+                 id="missing-api-version"),
+    pytest.param(without_field("kind"), "kind", ["required field is missing"], IDENTITY, id="missing-kind"),
+    # metadata, as the API server's ObjectMeta validation has it.
+    pytest.param(without_field("metadata.name"), "metadata.name",
+                 ["required field is missing (or metadata.generateName)"], METADATA, id="missing-name"),
+    pytest.param(with_field("metadata", {"generateName": "9job-"}), "metadata.generateName",
+                 ['got "9job-"', 'metadata.name "9job-xxxxx" must be a DNS-1035 label',
+                  "5 random characters"], METADATA, id="generate-name-leading-digit"),
+    pytest.param(with_field("metadata", {"generateName": "a" * 48}), "metadata.generateName",
+                 [f'metadata.name "{"a" * 48}xxxxx" is longer than 52 characters'], METADATA,
+                 id="generate-name-48-characters"),
+    pytest.param(with_field("metadata.generateName", "Base_"), "metadata.generateName",
+                 ['got "Base_"', "must be the start of a DNS-1123 subdomain"], METADATA,
+                 id="generate-name-not-a-subdomain"),
+    pytest.param(with_field("metadata.labels", {"team name": "ml"}), "metadata.labels",
+                 ['got "team name"', "label keys must be a qualified name"], METADATA, id="label-key-space"),
+    pytest.param(with_field("metadata.labels", {"team": "x" * 64}), "metadata.labels.team",
+                 ["must be empty, or at most 63 letters"], METADATA, id="label-value-64-characters"),
+    pytest.param(with_field("metadata.annotations", {"owner/": "ml"}), "metadata.annotations",
+                 ['got "owner/"', "annotation keys must be a qualified name"], METADATA,
+                 id="annotation-key-empty-name"),
+    pytest.param(with_field("metadata.colour", "red"), "metadata.colour",
+                 ["unknown field", "the fields allowed here are: name, generateName, namespace"], UNKNOWN,
+                 id="unknown-metadata-field"),
+    pytest.param(with_field("status", {"phases": ["Running"]}), "status.phases",
+                 ['unknown field (did you mean "phase"?)', "allowed here are: phase, observedGeneration"],
+                 UNKNOWN, id="unknown-status-field"),
+    # A whole number such as 1.0 passes as an integer, but a CEL rule that reads it cannot evaluate.
+    pytest.param(combined(with_field("spec.deepspeed.offload", "cpu"),
+                          with_field("spec.deepspeed.zeroStage", 1.0)),
+                 "spec.deepspeed.offload",
+                 ["rule could not be evaluated", "got float64 (spec.deepspeed.zeroStage is 1.0)"], DECODING,
+                 id="integral-float-read-by-a-rule"),
     # YAML that plain loading would silently accept: a duplicate key (the last one would win).
     pytest.param(with_duplicate_key("spec.hyperparameters.epochs", 2), "(document)",
                  ["YAML error at line", "duplicate key 'epochs'"], YAML, id="duplicate-key"),
+]  # fmt: skip
+
+# Valid variants of BASE, each a point where the API server accepts what may not look valid.
+ACCEPTED = [
+    pytest.param(with_field("spec.hyperparameters.seed", 1.0), id="integral-float-for-integer"),
+    pytest.param(with_field("spec.resources.cpu", 8.0), id="integral-float-for-int-or-string"),
+    pytest.param(with_field("spec.method", None), id="null-for-defaulted-object"),
+    pytest.param(with_field("spec.resources.tolerations", None), id="null-for-list"),
+    pytest.param(with_field("spec.resources.nodeSelector", {"pool": None}), id="null-map-value"),
+    pytest.param(with_field("spec.deepspeed.config", {"zero_optimization": None}),
+                 id="null-kept-in-free-form"),
+    pytest.param(with_field("metadata.labels", None), id="null-labels"),
+    pytest.param(with_field("metadata", {"generateName": "base-"}), id="generate-name"),
+    pytest.param(with_field("metadata.labels", {"example.com/team": "ml", "tier": ""}), id="qualified-label"),
+    pytest.param(with_field("status", {"phase": "Walking"}), id="status-value-ignored"),
 ]  # fmt: skip
 
 # Header lines of the CLI's report: `FILE: document N (FinetuneJob "name"): VERDICT`.
@@ -338,6 +392,21 @@ def test_example_is_valid(example: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0, output
     assert sections(output)[1][0] == "valid"
     assert output.splitlines()[-1] == "1 FinetuneJob(s) checked: 1 valid, 0 invalid"
+
+
+@pytest.mark.parametrize("mutation", ACCEPTED)
+def test_accepted_variant_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mutation: Mutation
+) -> None:
+    code, output = validate(capsys, write(tmp_path, mutation(BASE)))
+    assert code == 0, output
+    assert sections(output)[1][0] == "valid"
+
+
+def test_integral_float_is_stored_as_an_integer() -> None:
+    job = parse_finetune_job(with_field("spec.hyperparameters.seed", 1.0)(BASE))
+    assert defaulted(job)["spec"]["hyperparameters"]["seed"] == 1
+    assert type(job.spec.hyperparameters.seed) is int
 
 
 def test_console_script_validates_every_example() -> None:

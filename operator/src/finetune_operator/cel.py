@@ -29,10 +29,28 @@ def _program(expression: str) -> celpy.Runner:
     return environment.program(environment.compile(expression))
 
 
+@dataclass(frozen=True)
+class _InvalidData:
+    """A value the API server cannot hand to CEL as its schema's type: a JSON number such as 2.0 in an
+    integer field. Schema validation takes it for an integer, but a rule that reads it fails."""
+
+    message: str
+
+
+def _to_cel(value: Any) -> Any:
+    """``celpy.json_to_cel``, with each :class:`_InvalidData` as an error value: reading it fails the
+    rule, while a rule that does not read it (or ``true || ...``) still evaluates, as on the API server."""
+    if isinstance(value, _InvalidData):
+        return celpy.CELEvalError(value.message)
+    if isinstance(value, dict):
+        return celpy.celtypes.MapType({celpy.celtypes.StringType(k): _to_cel(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return celpy.celtypes.ListType([_to_cel(item) for item in value])
+    return celpy.json_to_cel(value)
+
+
 def _evaluate(expression: str, activation: dict[str, Any]) -> Any:
-    result = _program(expression).evaluate(
-        {name: celpy.json_to_cel(value) for name, value in activation.items()}
-    )
+    result = _program(expression).evaluate({name: _to_cel(value) for name, value in activation.items()})
     if isinstance(result, celpy.CELEvalError):
         raise result
     return result
@@ -54,26 +72,35 @@ def _check_rule(
     message = entry.get("message", "")
     if "messageExpression" in entry:
         try:
-            message = str(_evaluate(entry["messageExpression"], activation))
+            evaluated = str(_evaluate(entry["messageExpression"], activation))
         except Exception:
-            message = message or f"failed rule: {entry['rule']}"
+            evaluated = ""
+        # As on the API server: a blank result, or one with a line break, gives way to the message.
+        if evaluated.strip() and "\n" not in evaluated and "\r" not in evaluated:
+            message = evaluated
     return RuleViolation(path + field_path, message or f"failed rule: {entry['rule']}", entry["rule"])
 
 
-def _typed(schema: dict[str, Any], value: Any) -> Any:
+def _typed(schema: dict[str, Any], value: Any, where: tuple[str | int, ...] = ()) -> Any:
     """Numbers typed by the schema, as Kubernetes CEL types them: 32 in a ``number`` field is 32.0.
 
-    cel-python types values by their Python type and refuses to compare an int with a double.
+    cel-python types values by their Python type and refuses to compare an int with a double. A float
+    in an integer field (2.0, which schema validation accepts) is invalid data to the API server's CEL.
     """
     if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    int_or_string = bool(schema.get("x-kubernetes-int-or-string"))
+    if isinstance(value, float) and (int_or_string or schema.get("type") == "integer"):
+        expected = "XIntOrString value to be either a string or integer" if int_or_string else "int"
+        field = ".".join(map(str, where))
+        return _InvalidData(f"invalid data, expected {expected}, got float64 ({field} is {value!r})")
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         extra = extra if isinstance(extra, dict) else {}
-        return {key: _typed(properties.get(key, extra), child) for key, child in value.items()}
+        return {key: _typed(properties.get(key, extra), child, (*where, key)) for key, child in value.items()}
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [_typed(schema["items"], item) for item in value]
+        return [_typed(schema["items"], item, (*where, index)) for index, item in enumerate(value)]
     return value
 
 

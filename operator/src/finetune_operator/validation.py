@@ -1,8 +1,11 @@
 """Checks FinetuneJob manifests with the same model and rules the CRD enforces at admission.
 
 Structure, types, bounds, enums, patterns and unknown fields come from the pydantic models in
-``spec.py``; cross-field rules are the CRD's own CEL rules, evaluated by ``cel.py``. Every problem is
-reported with its field path in kubectl's dotted form, the value found and what is allowed.
+``spec.py``; cross-field rules are the CRD's own CEL rules, evaluated by ``cel.py``. Around them, what
+kube-apiserver does besides the schema: it decodes the request (nulls pruned, 2.0 an integer), checks
+metadata as ObjectMeta (a name or generateName, label syntax, no unknown keys) and refuses unknown
+fields in status. Every problem is reported with its field path in kubectl's dotted form, the value
+found and what is allowed.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ class DocumentReport:
 
     @property
     def label(self) -> str:
-        named = f' ({KIND} "{self.name}")' if self.name else ""
+        # Quoted as JSON, so that a name with a line break (invalid, and reported) keeps to one line.
+        named = f" ({KIND} {json.dumps(self.name, ensure_ascii=False)})" if self.name else ""
         return f"{self.source}: document {self.index}{named}"
 
 
@@ -134,15 +138,18 @@ def _allowed_fields(path: tuple[str | int, ...]) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
+def _unknown_field(name: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f"unknown field{hint}; the fields allowed here are: {', '.join(allowed)}"
+
+
 def _message(error: dict[str, Any], path: tuple[str | int, ...]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
-        allowed = _allowed_fields(path)
-        close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
-        hint = f' (did you mean "{close[0]}"?)' if close else ""
-        return f"unknown field{hint}; the fields allowed here are: {', '.join(allowed)}"
+        return _unknown_field(str(path[-1]), _allowed_fields(path))
     if kind == "literal_error":
         return f"must be one of {error['ctx']['expected']}"
     if kind == "string_pattern_mismatch":
@@ -205,17 +212,214 @@ def rule_issues(document: dict[str, Any], old: dict[str, Any] | None = None) -> 
     ]
 
 
+# --- What the API server does before and besides the schema ----------------------------------------
+# The decoding and metadata checks of kube-apiserver (1.36) for a custom resource, as tests/test_apiserver.py
+# finds them on the real server: each changes what is valid, so `finetune validate` does them too.
+
+# metav1.ObjectMeta's fields: strict field validation refuses any other key under metadata.
+OBJECT_META_FIELDS = (
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+)
+# The name generator keeps this much of generateName and appends 5 random characters of
+# "bcdfghjklmnpqrstvwxz2456789"; "xxxxx" stands for them (every rule judges all such names alike).
+GENERATED_NAME_PREFIX_LENGTH = 58
+GENERATED_NAME_SUFFIX = "xxxxx"
+# go-openapi takes a JSON number for an integer when it is integral and within +-2**53.
+_LARGEST_EXACT_INTEGER = 2**53
+_DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_MAX_ANNOTATIONS_BYTES = 256 * 1024
+_QUALIFIED_NAME_WORDS = (
+    "a qualified name: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+    "digit, optionally after a DNS subdomain prefix and '/' (e.g. example.com/team)"
+)
+
+
+def _integral(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer() and abs(value) <= _LARGEST_EXACT_INTEGER
+
+
+def _decoded(value: Any, schema: dict[str, Any], path: tuple[str | int, ...], floats: list[Any]) -> Any:
+    """``value`` as the API server decodes it for ``schema``: null fields pruned (none is nullable) and
+    integral numbers such as 2.0 in integer fields taken for integers (their paths go to ``floats``)."""
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+            return value  # kept as it is, nulls too
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        decoded = {}
+        for key, child in value.items():
+            child_schema = properties.get(key, extra if isinstance(extra, dict) else None)
+            if child_schema is None:
+                decoded[key] = child  # an unknown field: the model reports it
+            elif child is not None:
+                decoded[key] = _decoded(child, child_schema, (*path, key), floats)
+        return decoded
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_decoded(item, schema["items"], (*path, i), floats) for i, item in enumerate(value)]
+    takes_integers = schema.get("type") == "integer" or schema.get("x-kubernetes-int-or-string")
+    if takes_integers and _integral(value):
+        floats.append(path)
+        return int(value)
+    return value
+
+
+def _as_decoded(document: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    floats: list[Any] = []
+    root = dict(_schema())
+    # metadata is a Go struct, not a schema: a null there is a field left unset.
+    root["properties"] = root["properties"] | {
+        "metadata": {"properties": {key: {} for key in OBJECT_META_FIELDS}}
+    }
+    return _decoded(document, root, (), floats), floats
+
+
+def _unknown_fields(value: Any, schema: dict[str, Any], path: tuple[str | int, ...]) -> list[ValidationIssue]:
+    """Keys the schema does not know, as strict field validation finds them (for status, which the
+    model does not check: the API server drops a manifest's status, but not its unknown fields)."""
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [i for n, item in enumerate(value) for i in _unknown_fields(item, schema["items"], (*path, n))]
+    if not isinstance(value, dict) or "properties" not in schema:
+        return []
+    properties = schema["properties"]
+    issues = []
+    for key, child in value.items():
+        if key in properties:
+            issues += _unknown_fields(child, properties[key], (*path, key))
+        else:
+            issues.append(ValidationIssue(dotted((*path, key)), _unknown_field(key, list(properties)), child))
+    return issues
+
+
+def _is_subdomain(text: str) -> bool:
+    return len(text) <= 253 and _DNS_1123_SUBDOMAIN.fullmatch(text) is not None
+
+
+def _is_qualified_name(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not _is_subdomain(prefix):
+        return False
+    return len(name) <= 63 and _QUALIFIED_NAME_PART.fullmatch(name) is not None
+
+
+def _metadata_issues(document: dict[str, Any]) -> list[ValidationIssue]:
+    """apiVersion and kind present, and metadata as ObjectMeta validation wants it."""
+    issues = [
+        ValidationIssue(key, "required field is missing")
+        for key in ("apiVersion", "kind")
+        if key not in document
+    ]
+    metadata = document.get("metadata", {})
+    if not isinstance(metadata, dict):
+        return issues  # the model reports the type
+    issues += [
+        ValidationIssue(f"metadata.{key}", _unknown_field(key, list(OBJECT_META_FIELDS)), value)
+        for key, value in metadata.items()
+        if key not in OBJECT_META_FIELDS
+    ]
+    if not metadata.get("name") and not metadata.get("generateName"):
+        issues.append(
+            ValidationIssue("metadata.name", "required field is missing (or metadata.generateName)")
+        )
+    generate_name = metadata.get("generateName")
+    # The prefix is checked as a name whose trailing '-' would be followed by more characters.
+    if (
+        isinstance(generate_name, str)
+        and generate_name
+        and not _is_subdomain(re.sub("-$", "a", generate_name))
+    ):
+        issues.append(
+            ValidationIssue(
+                "metadata.generateName",
+                "must be the start of a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')",
+                generate_name,
+            )
+        )
+    labels, annotations = metadata.get("labels"), metadata.get("annotations")
+    for key, value in (labels or {}).items() if isinstance(labels, dict) else ():
+        if not _is_qualified_name(str(key)):
+            issues.append(
+                ValidationIssue("metadata.labels", f"label keys must be {_QUALIFIED_NAME_WORDS}", key)
+            )
+        if isinstance(value, str) and (len(value) > 63 or not _LABEL_VALUE.fullmatch(value)):
+            issues.append(
+                ValidationIssue(
+                    f"metadata.labels.{key}",
+                    "must be empty, or at most 63 letters, digits, '-', '_' or '.', starting and ending "
+                    "with a letter or digit",
+                    value,
+                )
+            )
+    if isinstance(annotations, dict):
+        for key in annotations:
+            if not _is_qualified_name(str(key).lower()):
+                issues.append(
+                    ValidationIssue(
+                        "metadata.annotations", f"annotation keys must be {_QUALIFIED_NAME_WORDS}", key
+                    )
+                )
+        size = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items())
+        if size > _MAX_ANNOTATIONS_BYTES:
+            issues.append(
+                ValidationIssue(
+                    "metadata.annotations", f"may hold at most 256 KiB of keys and values, not {size} bytes"
+                )
+            )
+    return issues
+
+
+def _as_evaluated(stored: dict[str, Any], floats: list[Any], document: dict[str, Any]) -> dict[str, Any]:
+    """What the API server's CEL rules see: the stored object, with the numbers as the request gave them
+    (2.0, not 2) and the generated name where only generateName was given."""
+    evaluated = json.loads(json.dumps(stored))
+    for path in floats:
+        _value_at(evaluated, path[:-1])[path[-1]] = _value_at(document, path)
+    metadata = evaluated.setdefault("metadata", {})
+    if not metadata.get("name") and metadata.get("generateName"):
+        metadata["name"] = metadata["generateName"][:GENERATED_NAME_PREFIX_LENGTH] + GENERATED_NAME_SUFFIX
+    return evaluated
+
+
 def validate_object(document: Any) -> tuple[FinetuneJob | None, list[ValidationIssue]]:
     """The parsed job and every problem in one manifest (a dict, as loaded from YAML or the API)."""
     if not isinstance(document, dict):
         return None, [
             ValidationIssue("", "must be a mapping with apiVersion, kind, metadata and spec", document)
         ]
+    decoded, floats = _as_decoded(document)
+    issues = _metadata_issues(decoded)
+    issues += _unknown_fields(decoded.get("status"), _schema()["properties"]["status"], ("status",))
     try:
-        job = FinetuneJob.model_validate(document)
+        job = FinetuneJob.model_validate(decoded)
     except ValidationError as error:
-        return None, _structural_issues(error, document)
-    issues = rule_issues(defaulted(job))
+        return None, issues + _structural_issues(error, decoded)
+    evaluated = _as_evaluated(defaulted(job), floats, document)
+    name_generated = evaluated["metadata"].get("name") != job.metadata.name
+    for issue in rule_issues(evaluated):
+        if name_generated and issue.path == "":
+            # A rule on the name the API server would generate: the manifest's generateName is to blame.
+            issue = ValidationIssue(
+                "metadata.generateName",
+                f"{issue.message}; the API server names the job after metadata.generateName, "
+                f"{GENERATED_NAME_SUFFIX} standing for 5 random characters",
+                job.metadata.generate_name,
+            )
+        issues.append(issue)
     return (job if not issues else None), issues
 
 
