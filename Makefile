@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup test lint crd demo lock clean cluster-bin cluster cluster-down
+.PHONY: setup test lint crd demo lock clean cluster-bin cluster cluster-down bench-operator
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ cluster: setup cluster-bin
 
 cluster-down:
 	$(PY) -m tests.kube.controlplane down .cluster
+
+# The operator at scale on a fresh control plane of its own (free ports): 20 two-node jobs applied with
+# kubectl, 3 rounds; times to the pods and the operator's API requests per job (docs/PERFORMANCE.md).
+# More flags with ARGS, e.g. `make bench-operator ARGS='--watch namespace --json scale.json'`.
+bench-operator: setup cluster-bin
+	$(PY) benchmarks/operator_scale.py --repeat 3 $(ARGS)
 
 # Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
 crd: setup

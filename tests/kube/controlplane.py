@@ -43,6 +43,14 @@ BIN_DIR = ROOT / ".cluster" / "bin"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 SERVICE_RANGE = "10.0.0.0/24"
 START_TIMEOUT = 120.0  # seconds; a cold start on a busy 2-core machine takes about 10
+# With ``ControlPlane(audit=True)``: every request's metadata (user, verb, resource, status code, no
+# bodies), from the stage where the response starts or completes; RequestReceived would only double it.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata"}],
+}
 
 
 class ControlPlaneError(RuntimeError):
@@ -168,11 +176,14 @@ class ControlPlane:
     """The four processes of one control plane, their state kept under ``directory``.
 
     ``directory/state.json`` records each component's pid and start time (so that ``down`` stops
-    exactly what ``up`` started, never a later process that reused a pid) and the API's URL.
+    exactly what ``up`` started, never a later process that reused a pid) and the API's URL. With
+    ``audit``, the API server writes an audit log (``AUDIT_POLICY``, one JSON event a line) to
+    ``audit_log``; the tests leave it off.
     """
 
     directory: Path
     bin_dir: Path = BIN_DIR
+    audit: bool = False
 
     @property
     def pki(self) -> Path:
@@ -194,8 +205,27 @@ class ControlPlane:
     def url(self) -> str:
         return json.loads(self.state_file.read_text())["url"]
 
+    @property
+    def audit_log(self) -> Path:
+        return self.directory / "logs" / "audit.log"
+
     def log(self, component: str) -> Path:
         return self.directory / "logs" / f"{component}.log"
+
+    def _audit_flags(self) -> list[str]:
+        """kube-apiserver's audit flags, a fresh log and the policy file; none without ``audit``."""
+        if not self.audit:
+            return []
+        policy = self.directory / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        self.audit_log.unlink(missing_ok=True)
+        # Mode blocking (the default): an event is written before its request returns. maxsize 0: one
+        # file, never rotated.
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-maxsize=0",
+        ]
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start every component, in the background, and return once the API answers ``/readyz``."""
@@ -249,6 +279,7 @@ class ControlPlane:
                 f"--service-account-issuer={url}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
+                *self._audit_flags(),
             ],
             "kube-controller-manager": [
                 f"--kubeconfig={self.kubeconfig_path}",
@@ -358,8 +389,8 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def running_control_plane(directory: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(directory)
+def running_control_plane(directory: Path, *, audit: bool = False) -> Iterator[ControlPlane]:
+    plane = ControlPlane(directory, audit=audit)
     plane.start()
     try:
         yield plane
