@@ -1,9 +1,12 @@
 """Carries out the state machine's decisions for one job: observe, decide, act.
 
 This is the only place where the pure parts (validation, ``state.decide``, ``manifests``) meet the
-Kubernetes API (``kube.py``). It remembers two things between passes, both only as caches: the
+Kubernetes API (``kube.py``). It remembers three things between passes, all only as caches: the
 status it last wrote (the watch may not have delivered it back yet, and acting on an older status
-would count one failure twice) and the parsed spec per generation.
+would count one failure twice), the parsed spec per generation, and the gang it has just created
+until the pod index shows it (the index lags the creates by a watch event, and the next pass, woken
+by the status patch, would otherwise create the whole gang again, to four 409s: controller-runtime's
+"expectations").
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ JobKey = tuple[str, str]
 EventPoster = Callable[[Mapping[str, Any], Event], None]
 # After an API error, try again this soon even without a new event.
 RETRY_AFTER_ERROR_SECONDS = 15.0
+# A created gang not in the pod index after this long is taken as gone (deleted before it was seen).
+CREATION_EXPECTED_WITHIN_SECONDS = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +58,13 @@ class Reconciler:
         self.poller = poller or ProgressPoller()
         self._written_status: dict[JobKey, dict[str, Any]] = {}
         self._parsed: dict[JobKey, tuple[int, FinetuneJob | None, tuple[str, ...]]] = {}
+        self._creating: dict[JobKey, tuple[int, datetime]] = {}  # attempt created, and when
 
     def forget(self, key: JobKey) -> None:
         """Drops what was remembered of a deleted job."""
         self._written_status.pop(key, None)
         self._parsed.pop(key, None)
+        self._creating.pop(key, None)
         self.metrics.forget(key)
         self.poller.forget(key)
 
@@ -99,6 +106,10 @@ class Reconciler:
         if rank_zero is not None:
             observed = replace(observed, progress=await self.poller.fetch(key, rank_zero.ip))
         decision = decide(observed, pods, now)
+        if decision.create_attempt is None:
+            self._creating.pop(key, None)  # the gang is all there, or none is wanted
+        elif self._still_arriving(key, decision.create_attempt, now):
+            decision = replace(decision, create_attempt=None)
         if rank_zero is not None and decision.status.get("phase") in ("Initializing", "Running"):
             decision.requeue_after = min(decision.requeue_after or self.poller.interval, self.poller.interval)
         try:
@@ -106,6 +117,8 @@ class Reconciler:
         except KubeApiError as error:
             await self._record_error(body, observed, decision, error, now)
             return RETRY_AFTER_ERROR_SECONDS
+        if decision.create_attempt is not None:
+            self._creating[key] = (decision.create_attempt, now)
         self.metrics.phases[key] = decision.status.get("phase") or "Pending"
         if decision.gang_restarted:
             self.metrics.gang_restarts.labels(observed.namespace).inc()
@@ -114,6 +127,18 @@ class Reconciler:
         for event in decision.events:
             self.post_event(body, event)
         return decision.requeue_after
+
+    def _still_arriving(self, key: JobKey, attempt: int, now: datetime) -> bool:
+        """Whether this operator created the gang of ``attempt`` moments ago: the pods that the state
+        machine misses are on their way into the index, not gone. Once a pass needs no creation, or
+        the time is up, the next missing pod is a missing pod."""
+        created = self._creating.get(key)
+        if created is None or created[0] != attempt:
+            return False
+        if (now - created[1]).total_seconds() > CREATION_EXPECTED_WITHIN_SECONDS:
+            del self._creating[key]
+            return False
+        return True
 
     @staticmethod
     def _rank_zero(observed: JobObservation, pods: list[PodObservation]) -> PodObservation | None:

@@ -1,0 +1,91 @@
+"""The reconciler's own memory between passes: a gang it has just created is not created again while
+kopf's pod index catches up (benchmarks/operator_scale.py found every job's gang created twice, four
+409s a job, on the real API server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from finetune_operator.kube import KubeApi
+from finetune_operator.manifests import WorkerSettings
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.reconciler import CREATION_EXPECTED_WITHIN_SECONDS, Reconciler
+from finetune_operator.state import PodObservation
+
+from tests.manifests import minimal_manifest
+
+T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class RecordingApi(KubeApi):
+    """Records the calls the reconciler makes instead of making them."""
+
+    created: list[str] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+
+    async def create(self, obj: dict[str, Any]) -> bool:
+        self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        return True
+
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        raise AssertionError(f"nothing should be deleted, not pod {name}")
+
+    async def delete_rendezvous(self, namespace: str, job_name: str) -> None:
+        raise AssertionError("nothing should be deleted")
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.append(status)
+
+
+def reconciler() -> tuple[Reconciler, RecordingApi]:
+    api = RecordingApi()
+    settings = WorkerSettings(default_image="trainer:test")
+    return Reconciler(api, settings, OperatorMetrics(), lambda _body, _event: None), api
+
+
+def body() -> dict[str, Any]:
+    job = minimal_manifest("llm", "ml", resources={"nodes": 2, "gpusPerNode": 1})
+    job["metadata"] |= {"uid": "u-1", "generation": 1, "creationTimestamp": "2026-12-02T12:00:00Z"}
+    return job
+
+
+def pending(rank: int, attempt: int = 0) -> PodObservation:
+    return PodObservation(name=f"llm-worker-{rank}", node_rank=rank, attempt=attempt)
+
+
+GANG = ["Service/llm-workers", "ConfigMap/llm-config", "Pod/llm-worker-0", "Pod/llm-worker-1"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("seen_next", "seconds_later", "created_again"),
+    [
+        pytest.param([], 1, [], id="index-has-none-yet"),
+        pytest.param([pending(0)], 1, [], id="index-has-one-of-two"),
+        pytest.param([], CREATION_EXPECTED_WITHIN_SECONDS + 1, GANG, id="never-seen-so-gone"),
+        pytest.param([pending(0), pending(1)], 1, [], id="all-seen"),
+    ],
+)
+async def test_a_gang_just_created_is_not_created_again(
+    seen_next: list[PodObservation], seconds_later: float, created_again: list[str]
+) -> None:
+    operator, api = reconciler()
+    await operator.reconcile(body(), [], now=T0)
+    assert api.created == GANG
+    api.created.clear()
+    await operator.reconcile(body(), seen_next, now=T0 + timedelta(seconds=seconds_later))
+    assert api.created == created_again
+
+
+@pytest.mark.asyncio
+async def test_pods_that_went_after_they_were_seen_are_created_again_at_once() -> None:
+    operator, api = reconciler()
+    await operator.reconcile(body(), [], now=T0)
+    await operator.reconcile(body(), [pending(0), pending(1)], now=T0 + timedelta(seconds=1))
+    api.created.clear()
+    await operator.reconcile(body(), [], now=T0 + timedelta(seconds=2))  # deleted before they started
+    assert api.created == GANG
