@@ -5,8 +5,8 @@ Every test is in one tier, so a contributor can run one with ``pytest -m TIER``:
 - ``controlplane``: against the real kube-apiserver, etcd, controller-manager and scheduler started
   once per session (``control_plane``); needs ``make cluster-bin``.
 - ``system``: the real trainer (DeepSpeed ranks, S3 on loopback), alone or under the operator.
-A module says ``pytestmark = pytest.mark.system``; a test that takes the control plane is in that
-tier too; the rest are ``unit``.
+A module or test marked ``system`` stays there (on the control plane or not); any other test that
+takes the control plane is ``controlplane``; the rest are ``unit``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if "control_plane" in fixtures and not item.get_closest_marker("controlplane"):
+        if "control_plane" in fixtures and not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.controlplane)
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(pytest.mark.unit)
