@@ -155,6 +155,14 @@ def assert_same_verdict(
 # --- 1. The CRD as the server serves it --------------------------------------------------------------
 
 
+def test_kubectl_and_the_server_are_the_release_go_mod_pins(control_plane: RealCluster) -> None:
+    """make cluster-bin sets the version ldflags: without them both would say v0.0.0-master."""
+    go_mod = (ROOT / "tests" / "controlplane" / "go.mod").read_text()
+    [pinned] = re.findall(r"^\s*k8s\.io/kubernetes (v\S+)$", go_mod, re.MULTILINE)
+    versions = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
+    assert versions["clientVersion"]["gitVersion"] == versions["serverVersion"]["gitVersion"] == pinned
+
+
 def test_crd_is_established_with_its_names_accepted(control_plane: RealCluster) -> None:
     path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD['metadata']['name']}"
     served = control_plane.admin.request("GET", path)
