@@ -44,9 +44,9 @@ bench-operator: setup cluster-bin
 
 # Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
 crd: setup
-	$(PY) -m finetune_operator.crd > crds/finetunejob.yaml
+	$(PY) -m finetune_operator.api.crd > crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/finetune-operator/crds/finetunejob.yaml
-	$(PY) -m finetune_operator.crd reference > docs/reference.md
+	$(PY) -m finetune_operator.api.crd reference > docs/reference.md
 
 # A 2-rank LoRA fine-tune of a tiny model on this machine: S3 is the folder finetune-demo/s3.
 demo: setup

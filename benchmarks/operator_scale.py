@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the tests' control plane and cluster helpers, when run as a script
 
-from finetune_operator.naming import LABEL_JOB  # noqa: E402
+from finetune_operator.api.naming import LABEL_JOB  # noqa: E402
 
 from tests.kube.cluster import GPU_NODES, GPUS_PER_NODE, Identity, RealCluster, chart_rbac, set_up  # noqa: E402
 from tests.kube.controlplane import ControlPlane, free_port, running_control_plane  # noqa: E402

@@ -24,8 +24,8 @@ import os
 import time
 
 import torch
-from finetune_operator.resolve import resolve_trainer_config
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api.validation import parse_finetune_job
 from finetune_trainer.data import Example, collate
 from finetune_trainer.modeling import apply_method, parameter_counts
 from finetune_trainer.recipe import Plan, build_engine, init_distributed, optimizer_step

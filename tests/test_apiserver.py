@@ -37,8 +37,8 @@ import kmock
 import pytest
 import urllib3
 import yaml
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.validation import ValidationIssue, defaulted, rule_issues, validate_object
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.validation import ValidationIssue, defaulted, rule_issues, validate_object
 from pydantic import ValidationError
 
 from tests import test_cel_rules, test_validate

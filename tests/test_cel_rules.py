@@ -18,9 +18,9 @@ from typing import Any
 import celpy
 import pytest
 import yaml
-from finetune_operator.cel import RuleViolation, evaluate_rules
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.validation import defaulted
+from finetune_operator.api.cel import RuleViolation, evaluate_rules
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.validation import defaulted
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_PATH = REPO / "crds" / "finetunejob.yaml"

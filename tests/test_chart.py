@@ -25,9 +25,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from finetune_operator import runner
-from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings, build_gang
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.controller import runner
+from finetune_operator.controller.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings, build_gang
 
 from tests.manifests import minimal_manifest
 
@@ -405,7 +405,7 @@ def test_defaults_one_standalone_replica_with_recreate() -> None:
     # The image's entry point, named: the console script of pyproject.toml.
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert container("defaults")["command"] == ["finetune-operator"]
-    assert scripts["finetune-operator"] == "finetune_operator.runner:main"
+    assert scripts["finetune-operator"] == "finetune_operator.controller.runner:main"
 
 
 def test_cluster_wide_by_default() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.resolve import resolve_trainer_config
-from finetune_operator.validation import defaulted, parse_finetune_job
+from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api.validation import defaulted, parse_finetune_job
 from finetune_trainer.config import TrainerConfig, load_trainer_config
 from pydantic import ValidationError
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.crd import render_crd_yaml, render_reference_markdown
-from finetune_operator.naming import MAX_JOB_NAME_LENGTH, MAX_NODES, worker_name
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.validation import defaulted
+from finetune_operator.api.crd import render_crd_yaml, render_reference_markdown
+from finetune_operator.api.naming import MAX_JOB_NAME_LENGTH, MAX_NODES, worker_name
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.validation import defaulted
 
 from tests.manifests import minimal_manifest
 

@@ -80,7 +80,10 @@ def test_each_target_runs_as_a_non_root_user(stage: str) -> None:
 def test_entrypoints_exist() -> None:
     scripts = PYPROJECT["project"]["scripts"]
     (operator_entry,) = [json.loads(a) for i, a in STAGES["operator"] if i == "ENTRYPOINT"]
-    assert operator_entry[0] in scripts and scripts[operator_entry[0]] == "finetune_operator.runner:main"
+    assert (
+        operator_entry[0] in scripts
+        and scripts[operator_entry[0]] == "finetune_operator.controller.runner:main"
+    )
     (trainer_entry,) = [json.loads(a) for i, a in STAGES["trainer"] if i == "ENTRYPOINT"]
     assert trainer_entry[:2] == ["python", "-m"]
     module = ROOT / "trainer" / "src" / Path(*trainer_entry[2].split("."))
@@ -88,7 +91,7 @@ def test_entrypoints_exist() -> None:
 
 
 def test_trainer_image_user_matches_the_worker_pods() -> None:
-    from finetune_operator.manifests import WorkerSettings
+    from finetune_operator.controller.manifests import WorkerSettings
 
     users = [argument for instruction, argument in STAGES["trainer"] if instruction == "USER"]
     assert (

@@ -15,8 +15,8 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from finetune_operator import embedded_s3
-from finetune_operator.embedded_s3 import EmbeddedS3
+from finetune_operator.local import embedded_s3
+from finetune_operator.local.embedded_s3 import EmbeddedS3
 from finetune_trainer.storage import ObjectNotFoundError, ObjectStore, StoredFile
 
 MIB = 1024 * 1024

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.demo import demo_manifest, prepare
-from finetune_operator.local import LocalRunError, plan_local_run, progress_line
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.local.demo import demo_manifest, prepare
+from finetune_operator.local.run import LocalRunError, plan_local_run, progress_line
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE
 
 from tests.manifests import minimal_manifest

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.cli import main as cli_main
-from finetune_operator.manifests import (
+from finetune_operator.controller.manifests import (
     MASTER_PORT,
     UNASSIGNED_UID,
     WorkerSettings,
     build_gang,
     build_worker_pod,
 )
-from finetune_operator.validation import parse_finetune_job
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.launch import torchrun_argv, wait_for_host
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import kopf
 import pytest
-from finetune_operator.handlers import OperatorContext, post_event, registry
-from finetune_operator.kube import KubeApi, load_api_client
-from finetune_operator.manifests import WorkerSettings
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.progress import ProgressPoller
-from finetune_operator.reconciler import Reconciler
+from finetune_operator.controller.handlers import OperatorContext, post_event, registry
+from finetune_operator.controller.kube import KubeApi, load_api_client
+from finetune_operator.controller.manifests import WorkerSettings
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.progress import ProgressPoller
+from finetune_operator.controller.reconciler import Reconciler
 
 from tests.kube import pods as kubelet
 from tests.kube.emulator import KubeEmulator

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from finetune_operator import progress
-from finetune_operator.progress import RateLimiter
+from finetune_operator.controller import progress
+from finetune_operator.controller.progress import RateLimiter
 
 
 @pytest.mark.asyncio

@@ -6,9 +6,10 @@ What the operator uses is derived from the code, not listed by hand:
   generated code gives each method's HTTP verb and path (``_<method>_serialize``), and the call's
   arguments fill the path's ``{group}``/``{plural}`` (``GROUP``, ``PLURAL``). No other module of the
   operator may import the kubernetes client.
-- kopf, for the handlers in ``finetune_operator.handlers.registry``: list and watch for every resource
-  a handler or an index watches; patch for resources whose handlers need kopf's finalizer or its
-  annotations (daemons, change handlers); the status too when kopf keeps its progress there.
+- kopf, for the handlers in ``finetune_operator.controller.handlers.registry``: list and watch for
+  every resource a handler or an index watches; patch for resources whose handlers need kopf's
+  finalizer or its annotations (daemons, change handlers); the status too when kopf keeps its
+  progress there.
 - kopf's settings after the operator's ``configure_settings``: Events are posted (create), and unless
   scanning is disabled kopf watches CRDs and, when it serves a list of namespaces, namespaces.
 - The children's ``ownerReferences``: ``blockOwnerDeletion`` needs update on ``<owner>/finalizers``.
@@ -33,9 +34,9 @@ import finetune_operator
 import kopf
 import kubernetes
 import pytest
-from finetune_operator import handlers, kube
-from finetune_operator.manifests import WorkerSettings, build_gang
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.controller import handlers, kube
+from finetune_operator.controller.manifests import WorkerSettings, build_gang
 from kopf._cogs.structs import references
 from kopf._core.engines import peering
 
@@ -143,14 +144,14 @@ def operator_calls() -> dict[str, tuple[Permission, bool]]:
 def test_kube_py_is_the_only_user_of_the_kubernetes_client() -> None:
     package = Path(finetune_operator.__file__).parent
     users = set()
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             if any(name == "kubernetes" or name.startswith("kubernetes.") for name in names):
-                users.add(path.name)
-    assert users == {"kube.py"}
+                users.add(str(path.relative_to(package)))
+    assert users == {"controller/kube.py"}
 
 
 def test_the_calls_are_found_in_kube_py() -> None:

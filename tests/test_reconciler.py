@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from finetune_operator.kube import KubeApi
-from finetune_operator.manifests import WorkerSettings
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.reconciler import CREATION_EXPECTED_WITHIN_SECONDS, Reconciler
-from finetune_operator.state import PodObservation
+from finetune_operator.controller.kube import KubeApi
+from finetune_operator.controller.manifests import WorkerSettings
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.reconciler import CREATION_EXPECTED_WITHIN_SECONDS, Reconciler
+from finetune_operator.controller.state import PodObservation
 
 from tests.manifests import minimal_manifest
 

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from finetune_operator.state import (
+from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.controller.state import (
     Decision,
     JobObservation,
     PodObservation,
@@ -17,7 +18,6 @@ from finetune_operator.state import (
     progress_status,
     set_condition,
 )
-from finetune_operator.validation import parse_finetune_job
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
 
 from tests.manifests import minimal_manifest

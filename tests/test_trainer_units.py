@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_operator.resolve import resolve_trainer_config
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api.validation import parse_finetune_job
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.deepspeed_config import build_deepspeed_config, merge
 from finetune_trainer.errors import NonRetryableError

@@ -21,10 +21,10 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from finetune_operator.cel import evaluate_rules
+from finetune_operator.api.cel import evaluate_rules
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.validation import defaulted, dotted, parse_finetune_job
 from finetune_operator.cli import main
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.validation import defaulted, dotted, parse_finetune_job
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

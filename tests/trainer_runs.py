@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from finetune_operator.resolve import resolve_trainer_config
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api.validation import parse_finetune_job
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.summary import TerminationSummary, parse_termination_message
 from finetune_trainer.tiny import build_tiny_model, demo_rows

@@ -12,9 +12,14 @@ from typing import Any
 import yaml
 
 from finetune_operator import KIND
-from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, UNASSIGNED_UID, WorkerSettings, build_gang
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.validation import DocumentReport, parse_finetune_job, validate_text
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.validation import DocumentReport, parse_finetune_job, validate_text
+from finetune_operator.controller.manifests import (
+    DEFAULT_TRAINER_IMAGE,
+    UNASSIGNED_UID,
+    WorkerSettings,
+    build_gang,
+)
 
 
 def _read(source: str) -> str:
@@ -103,7 +108,7 @@ def _jobs_in(source: str) -> list[FinetuneJob] | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs one FinetuneJob on this machine; exits with the trainer's code."""
-    from finetune_operator.local import LocalRunError, run_local
+    from finetune_operator.local.run import LocalRunError, run_local
 
     jobs = _jobs_in(args.file)
     if jobs is None:
@@ -123,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """A 2-rank LoRA fine-tune of a tiny model on this machine, end to end."""
-    from finetune_operator.demo import run_demo
+    from finetune_operator.local.demo import run_demo
 
     return run_demo(args.dir)
 

@@ -25,7 +25,7 @@ from finetune_trainer.config import (
     TrainerConfig,
 )
 
-from finetune_operator.spec import FinetuneJob, FreezeSpec, LoraSpec
+from finetune_operator.api.spec import FinetuneJob, FreezeSpec, LoraSpec
 
 # Gradient-norm clipping; a job can change it through spec.deepspeed.config.gradient_clipping.
 DEFAULT_GRADIENT_CLIPPING = 1.0

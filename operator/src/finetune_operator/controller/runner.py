@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import kopf
 from prometheus_client import start_http_server
 
-from finetune_operator.handlers import OperatorContext, post_event, registry
-from finetune_operator.kube import KubeApi, load_api_client
-from finetune_operator.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.progress import ProgressPoller
-from finetune_operator.reconciler import Reconciler
+from finetune_operator.controller.handlers import OperatorContext, post_event, registry
+from finetune_operator.controller.kube import KubeApi, load_api_client
+from finetune_operator.controller.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.progress import ProgressPoller
+from finetune_operator.controller.reconciler import Reconciler
 
 
 def _priority(value: str) -> int:

@@ -13,8 +13,8 @@ from typing import Any
 
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, parse_termination_message
 
-from finetune_operator.naming import LABEL_ATTEMPT, LABEL_NODE_RANK
-from finetune_operator.spec import FinetuneJob
+from finetune_operator.api.naming import LABEL_ATTEMPT, LABEL_NODE_RANK
+from finetune_operator.api.spec import FinetuneJob
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # Waiting reasons that keep a pod from starting until someone fixes something; shown as Pending.

@@ -15,7 +15,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import GROUP, PLURAL, VERSION
-from finetune_operator.naming import config_map_name, service_name
+from finetune_operator.api.naming import config_map_name, service_name
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 from finetune_trainer.config import PROGRESS_PORT
 
 from finetune_operator import API_VERSION, KIND
-from finetune_operator.naming import (
+from finetune_operator.api.naming import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_NODE_RANK,
@@ -33,8 +33,8 @@ from finetune_operator.naming import (
     service_name,
     worker_name,
 )
-from finetune_operator.resolve import resolve_trainer_config
-from finetune_operator.spec import FinetuneJob
+from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api.spec import FinetuneJob
 
 # The trainer image of this release; the operator's --default-image (Helm: trainerImage) overrides it.
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"

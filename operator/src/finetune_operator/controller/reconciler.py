@@ -17,13 +17,20 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator.kube import KubeApi, KubeApiError
-from finetune_operator.manifests import WorkerSettings, build_gang
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.progress import ProgressPoller
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.state import Decision, Event, JobObservation, PodObservation, decide, set_condition
-from finetune_operator.validation import validate_object
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.validation import validate_object
+from finetune_operator.controller.kube import KubeApi, KubeApiError
+from finetune_operator.controller.manifests import WorkerSettings, build_gang
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.progress import ProgressPoller
+from finetune_operator.controller.state import (
+    Decision,
+    Event,
+    JobObservation,
+    PodObservation,
+    decide,
+    set_condition,
+)
 
 JobKey = tuple[str, str]
 EventPoster = Callable[[Mapping[str, Any], Event], None]

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from finetune_operator.spec import Phase
+from finetune_operator.api.spec import Phase
 
 PHASES: tuple[str, ...] = Phase.__args__
 

@@ -23,9 +23,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune_operator import GROUP, KIND
-from finetune_operator.cel import evaluate_rules
-from finetune_operator.crd import openapi_schema
-from finetune_operator.spec import PATTERN_HINTS, FinetuneJob
+from finetune_operator.api.cel import evaluate_rules
+from finetune_operator.api.crd import openapi_schema
+from finetune_operator.api.spec import PATTERN_HINTS, FinetuneJob
 
 _ABSENT = object()
 

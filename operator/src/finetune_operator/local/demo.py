@@ -15,8 +15,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from finetune_operator.local import local_path, run_local
-from finetune_operator.validation import parse_finetune_job
+from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.local.run import local_path, run_local
 
 DEMO_QUESTION = "What is the capital of France?"
 

@@ -29,10 +29,10 @@ import yaml
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
 
-from finetune_operator.embedded_s3 import EmbeddedS3
-from finetune_operator.resolve import resolve_trainer_config
-from finetune_operator.spec import FinetuneJob
-from finetune_operator.state import JobObservation, PodObservation, decide, progress_status
+from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.controller.state import JobObservation, PodObservation, decide, progress_status
+from finetune_operator.local.embedded_s3 import EmbeddedS3
 
 EMBEDDED_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "embedded", "AWS_SECRET_ACCESS_KEY": "embedded"}
 

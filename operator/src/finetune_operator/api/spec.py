@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from finetune_operator import API_VERSION, KIND
-from finetune_operator.naming import MAX_JOB_NAME_LENGTH, MAX_NODES
+from finetune_operator.api.naming import MAX_JOB_NAME_LENGTH, MAX_NODES
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Generates the FinetuneJob CustomResourceDefinition from the pydantic models in ``spec.py``.
 
-``python -m finetune_operator.crd > crds/finetunejob.yaml`` writes it; a test fails when the committed
+``python -m finetune_operator.api.crd > crds/finetunejob.yaml`` writes it; a test fails when the committed
 file differs. The walk covers exactly the Python types the spec uses and raises on anything else, so a
 new kind of field cannot silently produce a wrong schema.
 """
@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from finetune_operator import GROUP, KIND, PLURAL, VERSION
-from finetune_operator.spec import CelRule, FinetuneJob, FinetuneJobSpec, FinetuneJobStatus
+from finetune_operator.api.spec import CelRule, FinetuneJob, FinetuneJobSpec, FinetuneJobStatus
 
 SHORT_NAMES = ["ftj"]
 CATEGORIES = ["ml"]
@@ -236,7 +236,7 @@ def custom_resource_definition() -> dict[str, Any]:
     }
 
 
-HEADER = "# Generated from finetune_operator/spec.py by `make crd`. Do not edit by hand.\n"
+HEADER = "# Generated from finetune_operator/api/spec.py by `make crd`. Do not edit by hand.\n"
 
 
 def render_crd_yaml() -> str:
@@ -304,7 +304,7 @@ def render_reference_markdown() -> str:
     """docs/reference.md: every field with its type, default, bounds and description, and every rule."""
     root = openapi_schema()
     lines = [
-        "<!-- Generated from finetune_operator/spec.py by `make crd`. Do not edit by hand. -->",
+        "<!-- Generated from finetune_operator/api/spec.py by `make crd`. Do not edit by hand. -->",
         "# FinetuneJob field reference",
         "",
         "| Field | Type | Default | Allowed | Description |",
