@@ -1,9 +1,9 @@
 """Tokens/s and MFU of the trainer's own optimizer step for a model shape, method and ZeRO stage.
 
 It builds a Llama-shaped model with random weights, applies the method the way the trainer does
-(``modeling.apply_method``), wraps it in the trainer's DeepSpeed engine (``recipe.build_engine``)
-and times ``recipe.optimizer_step`` on full-length packed sequences: the same code a job runs,
-minus S3 and data preparation.
+(``modeling.apply_method``), wraps it in the trainer's DeepSpeed engine
+(``training_support.build_engine``) and times ``training_support.optimizer_step`` on full-length
+packed sequences: the same code a job runs, minus S3 and data preparation.
 
 FLOPs per token (PaLM appendix B, counting no recomputation from gradient checkpointing):
     2N forward + 2N backward through activations + 2N_trainable weight gradients
@@ -28,7 +28,7 @@ from finetune_operator.api.resolve import resolve_trainer_config
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_trainer.data import Example, collate
 from finetune_trainer.modeling import apply_method, parameter_counts
-from finetune_trainer.recipe import Plan, build_engine, init_distributed, optimizer_step
+from finetune_trainer.training_support import Plan, build_engine, init_distributed, optimizer_step
 from transformers import LlamaConfig, LlamaForCausalLM
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint completeness and cost, in one process (a world of one gloo rank) against S3 on loopback."""
+"""Checkpoint completeness and cost, in one process (a world of one gloo rank) against S3 on loopback,
+and the same completeness and pruning on the folder store that `finetune run --store` uses."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from finetune_trainer.checkpointing import Checkpointer, find_complete
-from finetune_trainer.storage import ObjectStore, StoredFile
+from finetune_trainer.storage import FolderStore, ObjectStore, S3Store, StoredFile
 
 from tests.s3server import s3_server
 from tests.trainer_runs import s3_client
@@ -31,7 +32,7 @@ class FakeEngine:
         (target / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 3000)
 
 
-class GatedStore(ObjectStore):
+class GatedStore(S3Store):
     """Uploads wait for the test's go, so the test can look at training while S3 is slow."""
 
     def __init__(self, endpoint: str) -> None:
@@ -96,14 +97,26 @@ def test_training_waits_for_the_local_save_only_and_the_manifest_comes_last(
     assert not (tmp_path / "local" / "step-10").exists()  # the node's disk is freed once S3 has it
 
 
-def test_only_complete_checkpoints_count_and_the_newest_are_kept(world: str, tmp_path: Path) -> None:
-    store = ObjectStore(world, "us-east-1")
+@pytest.mark.parametrize("kind", ["s3", "folder"])
+def test_only_complete_checkpoints_count_and_the_newest_are_kept(
+    world: str, tmp_path: Path, kind: str
+) -> None:
+    """checkpointing.py is the same code on both stores: it must find and prune the same checkpoints."""
+    if kind == "s3":
+        store: ObjectStore = S3Store(world, "us-east-1")
+    else:
+        (tmp_path / "store" / BUCKET).mkdir(parents=True)
+        store = FolderStore(tmp_path / "store")
     checkpointer = _checkpointer(store, tmp_path / "local", keep=2)
     for step in (5, 10, 15):
         checkpointer.save(FakeEngine(), step, {}, {})
         checkpointer.finish_pending(wait=True)
     assert [c.step for c in find_complete(store, OUTPUT)] == [15, 10]
-    assert _keys(world, "job/checkpoints/step-5/") == []  # pruned
+    assert store.list_files(f"{OUTPUT}checkpoints/step-5/") == []  # pruned
+    assert store.list_subprefixes(f"{OUTPUT}checkpoints/") == [
+        f"{OUTPUT}checkpoints/step-10/",
+        f"{OUTPUT}checkpoints/step-15/",
+    ]
     # A newer upload without its manifest, and one whose file was cut short, are never loaded.
     store.put_bytes(f"{OUTPUT}checkpoints/step-20/mp_rank_00_model_states.pt", b"m" * 1000)
     manifest = json.loads(store.get_bytes(f"{OUTPUT}checkpoints/step-15/manifest.json"))

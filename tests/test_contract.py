@@ -13,7 +13,7 @@ import pytest
 import yaml
 from finetune_operator.api.resolve import resolve_trainer_config
 from finetune_operator.api.validation import defaulted, parse_finetune_job
-from finetune_trainer.config import TrainerConfig, load_trainer_config
+from finetune_trainer.config import FolderStorageConfig, S3StorageConfig, TrainerConfig, load_trainer_config
 from pydantic import ValidationError
 
 from tests.manifests import minimal_manifest
@@ -138,6 +138,47 @@ def test_trainer_config_rejects_inconsistent_contracts(
     manifest = _job(dataset={"eval": "s3://data/eval.jsonl"}, resources={"gpusPerNode": 0})
     document = json_ready(resolve_trainer_config(parse_finetune_job(manifest)))
     document[where[0]][where[1]] = value
+    with pytest.raises(ValidationError, match=message):
+        TrainerConfig.model_validate(document)
+
+
+def test_the_operator_always_writes_s3_storage() -> None:
+    document = json_ready(resolve_trainer_config(parse_finetune_job(_job())))
+    assert document["storage"] == {"kind": "s3", "endpoint": None, "region": None}
+
+
+def test_a_folder_store_round_trips_through_json(tmp_path: Path) -> None:
+    document = json_ready(resolve_trainer_config(parse_finetune_job(_job())))
+    document["storage"] = {"kind": "folder", "root": str(tmp_path)}
+    written = tmp_path / "config.json"
+    written.write_text(TrainerConfig.model_validate(document).to_json())
+    assert load_trainer_config(written).storage == FolderStorageConfig(kind="folder", root=str(tmp_path))
+
+
+def test_a_contract_without_a_storage_kind_is_s3() -> None:
+    """ConfigMaps written before the folder store existed still load."""
+    document = json_ready(resolve_trainer_config(parse_finetune_job(_job())))
+    document["storage"] = {"endpoint": "http://minio:9000", "region": None}
+    storage = TrainerConfig.model_validate(document).storage
+    assert storage == S3StorageConfig(endpoint="http://minio:9000", region=None)
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        pytest.param(
+            {"kind": "folder", "root": "store"}, "storage.root must be an absolute path", id="relative"
+        ),
+        pytest.param({"kind": "folder"}, "Field required", id="no-root"),
+        pytest.param(
+            {"kind": "nfs", "root": "/x"}, "'nfs' .* does not match any of the expected tags", id="kind"
+        ),
+        pytest.param({"kind": "folder", "root": "/x", "endpoint": "http://m"}, "Extra inputs", id="mixed"),
+    ],
+)
+def test_bad_storage_is_refused_by_name(storage: dict[str, Any], message: str) -> None:
+    document = json_ready(resolve_trainer_config(parse_finetune_job(_job())))
+    document["storage"] = storage
     with pytest.raises(ValidationError, match=message):
         TrainerConfig.model_validate(document)
 

@@ -1,4 +1,4 @@
-"""`finetune run` and `finetune demo`: the same FinetuneJob on this machine, with S3 from a folder."""
+"""`finetune run` and `finetune demo`: the same FinetuneJob on this machine, with a folder as the store."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.local.demo import demo_manifest, prepare
 from finetune_operator.local.run import LocalRunError, plan_local_run, progress_line
+from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE
 
 from tests.manifests import minimal_manifest
@@ -64,7 +65,7 @@ def test_run_reports_a_non_retryable_failure_as_the_operator_would(tmp_path: Pat
     )
     manifest = tmp_path / "finetunejob.yaml"
     result = subprocess.run(
-        [FINETUNE, "run", str(manifest), "--embedded-s3", str(tmp_path / "s3")],
+        [FINETUNE, "run", str(manifest), "--store", str(tmp_path / "s3")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -102,12 +103,32 @@ def test_local_plan(resources: dict[str, int], method: str, gpus_here: int, expe
         with pytest.raises(LocalRunError, match=expected):
             plan_local_run(job, gpus_here, None, 1234)
         return
-    plan = plan_local_run(job, gpus_here, "http://127.0.0.1:9", 1234)
+    plan = plan_local_run(job, gpus_here, Path("store"), 1234)
     assert (plan.ranks, plan.config.distributed.uses_gpus, plan.config.hyperparameters.precision) == expected
-    assert (
-        plan.config.storage.endpoint == "http://127.0.0.1:9" and plan.config.reporting.progress_port == 1234
-    )
+    assert plan.config.storage == FolderStorageConfig(kind="folder", root=str(Path("store").resolve()))
+    assert plan.config.reporting.progress_port == 1234
     assert bool(plan.notes) is (gpus_here == 0)  # says it runs on CPU, in fp32
+
+
+def test_without_a_store_folder_the_specs_own_s3_is_used() -> None:
+    job = parse_finetune_job(minimal_manifest(storage={"endpoint": "http://minio:9000", "region": "eu-1"}))
+    plan = plan_local_run(job, 0, None, 1234)
+    assert plan.config.storage == S3StorageConfig(endpoint="http://minio:9000", region="eu-1")
+
+
+def test_run_names_a_missing_store_folder_and_the_old_flag_still_works(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(demo_manifest()))
+    missing = tmp_path / "no-store"
+    for flag in ("--store", "--embedded-s3"):
+        result = subprocess.run(
+            [FINETUNE, "run", str(path), flag, str(missing)], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 1, result.stderr
+        assert f"finetune run: --store {missing}: no such folder" in result.stderr
+        assert "Traceback" not in result.stderr
+        deprecated = "finetune run: --embedded-s3 is deprecated" in result.stderr
+        assert deprecated is (flag == "--embedded-s3")
 
 
 def test_progress_line() -> None:

@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from finetune_operator.controller.kube import KubeApi
+from finetune_operator.controller.kube import KubeApi, KubeApiError
 from finetune_operator.controller.manifests import WorkerSettings
 from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.observation import PodObservation
 from finetune_operator.controller.reconciler import CREATION_EXPECTED_WITHIN_SECONDS, Reconciler
-from finetune_operator.controller.state import PodObservation
 
 from tests.manifests import minimal_manifest
 
@@ -26,8 +26,11 @@ class RecordingApi(KubeApi):
 
     created: list[str] = field(default_factory=list)
     statuses: list[dict[str, Any]] = field(default_factory=list)
+    refuse_pods: bool = False
 
     async def create(self, obj: dict[str, Any]) -> bool:
+        if self.refuse_pods and obj["kind"] == "Pod":
+            raise KubeApiError(403, "Forbidden", "exceeded quota")
         self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return True
 
@@ -89,3 +92,27 @@ async def test_pods_that_went_after_they_were_seen_are_created_again_at_once() -
     api.created.clear()
     await operator.reconcile(body(), [], now=T0 + timedelta(seconds=2))  # deleted before they started
     assert api.created == GANG
+
+
+def _reconcile_error(status: dict[str, Any]) -> tuple[str, str]:
+    condition = next(c for c in status["conditions"] if c["type"] == "ReconcileError")
+    return condition["status"], condition["reason"]
+
+
+@pytest.mark.asyncio
+async def test_an_api_error_is_recorded_once_and_cleared_by_the_pass_after_one_that_went_through() -> None:
+    """One status patch a pass at most while the error lasts: each patch wakes the job again."""
+    operator, api = reconciler()
+    api.refuse_pods = True
+    await operator.reconcile(body(), [], now=T0)
+    assert [_reconcile_error(s) for s in api.statuses if "ReconcileError" in str(s)] == [
+        ("True", "Forbidden")
+    ]
+    api.statuses.clear()
+    await operator.reconcile(body(), [], now=T0 + timedelta(seconds=CREATION_EXPECTED_WITHIN_SECONDS + 1))
+    assert api.statuses == []  # the same error again changes nothing
+    api.refuse_pods = False
+    await operator.reconcile(body(), [], now=T0 + timedelta(seconds=60))
+    assert api.statuses == []  # the error stays until a pass has gone through
+    await operator.reconcile(body(), [pending(0), pending(1)], now=T0 + timedelta(seconds=61))
+    assert [_reconcile_error(s) for s in api.statuses] == [("False", "Recovered")]

@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from finetune_operator.api.spec import FinetuneJobStatus
 from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.controller.observation import PodObservation
 from finetune_operator.controller.state import (
     Decision,
     JobObservation,
-    PodObservation,
     decide,
-    observe_pod,
-    progress_status,
+    record_error,
     set_condition,
 )
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
@@ -40,7 +40,7 @@ def job(status: dict[str, Any] | None = None, **run_policy: Any) -> JobObservati
         generation=1,
         created=CREATED,
         job=parse_finetune_job(manifest),
-        status=status or {},
+        status=FinetuneJobStatus.model_validate(status or {}),
     )
 
 
@@ -318,13 +318,13 @@ CASES = [
 
 
 def _condition(decision: Decision, type_: str) -> dict[str, Any] | None:
-    return next((c for c in decision.status["conditions"] if c["type"] == type_), None)
+    return next((c for c in decision.status.to_api()["conditions"] if c["type"] == type_), None)
 
 
 @pytest.mark.parametrize(("observed", "pods", "expect"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_lifecycle(observed: JobObservation, pods: list[PodObservation], expect: dict[str, Any]) -> None:
     decision = decide(observed, pods, NOW)
-    status = decision.status
+    status = decision.status.to_api()
     assert status["phase"] == expect["phase"]
     checks = {
         "create": lambda: decision.create_attempt,
@@ -365,7 +365,7 @@ def test_invalid_spec_fails_with_the_reasons_and_creates_nothing() -> None:
         "job", "team", 3, CREATED, job=None, invalid_reasons=("spec.resources.nodes: got 0",)
     )
     decision = decide(observed, [], NOW)
-    assert decision.status["phase"] == "Failed"
+    assert decision.status.phase == "Failed"
     assert decision.create_attempt is None
     condition = _condition(decision, "Failed")
     assert condition["reason"] == "InvalidSpec" and "spec.resources.nodes: got 0" in condition["message"]
@@ -390,87 +390,100 @@ def test_condition_transition_time_moves_only_when_status_flips() -> None:
     later = NOW + timedelta(hours=1)
     same = set_condition(first, "Suspended", True, "Suspended", "b", later, 2)
     flipped = set_condition(same, "Suspended", False, "Resumed", "c", later, 2)
-    assert same[0]["lastTransitionTime"] == ts(NOW) and same[0]["message"] == "b"
-    assert flipped[0]["lastTransitionTime"] == ts(later)
-
-
-def test_observe_pod_reads_the_kubelet_status() -> None:
-    body = {
-        "metadata": {
-            "name": "job-worker-1",
-            "labels": {"finetune.dev/node-rank": "1", "finetune.dev/attempt": "2"},
-            "deletionTimestamp": "2026-11-21T12:00:00Z",
-        },
-        "status": {
-            "phase": "Failed",
-            "podIP": "10.0.0.7",
-            "conditions": [{"type": "Ready", "status": "False"}],
-            "containerStatuses": [
-                {
-                    "state": {
-                        "terminated": {
-                            "exitCode": 137,
-                            "reason": "OOMKilled",
-                            "message": '{"outcome":"failed"}',
-                        }
-                    }
-                }
-            ],
-        },
-    }
-    observed = observe_pod(body)
-    assert (observed.node_rank, observed.attempt, observed.exit_code) == (1, 2, 137)
-    assert (observed.reason, observed.deleting, observed.started, observed.ip) == (
-        "OOMKilled",
-        True,
-        True,
-        "10.0.0.7",
-    )
-    pending = observe_pod(
-        {
-            "metadata": {"name": "p", "labels": {}},
-            "status": {
-                "phase": "Pending",
-                "conditions": [
-                    {
-                        "type": "PodScheduled",
-                        "status": "False",
-                        "reason": "Unschedulable",
-                        "message": "no GPUs",
-                    }
-                ],
-            },
-        }
-    )
-    assert pending.unschedulable == "no GPUs" and not pending.started
-
-
-def test_progress_document_becomes_status() -> None:
-    document = {
-        "step": 7,
-        "totalSteps": 9,
-        "epoch": 1.23456,
-        "etaSeconds": 12.7,
-        "tokensPerSecond": 1234.56,
-        "trainLoss": 0.123456,
-        "evalMetrics": {"evalLoss": 0.5, "f1": 0.75},
-        "checkpoints": [{"step": s, "uri": f"s3://o/step-{s}/", "time": "t"} for s in range(1, 13)],
-    }
-    reported = progress_status(document)
-    assert reported["progress"] == {
-        "step": 7,
-        "totalSteps": 9,
-        "epoch": 1.235,
-        "percent": 77,
-        "etaSeconds": 12,
-        "tokensPerSecond": 1234.6,
-    }
-    assert reported["metrics"] == {"evalLoss": 0.5, "f1": 0.75, "trainLoss": 0.1235}
-    assert [c["step"] for c in reported["checkpoints"]] == list(range(3, 13))  # the newest ten
+    assert same[0].last_transition_time == ts(NOW) and same[0].message == "b"
+    assert flipped[0].last_transition_time == ts(later)
 
 
 def test_running_job_takes_its_progress_from_rank_zero() -> None:
     observed = replace(job(running_status()), progress={"step": 3, "totalSteps": 6, "trainLoss": 2.0})
     decision = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW)
-    assert decision.status["progress"]["percent"] == 50 and decision.status["metrics"] == {"trainLoss": 2.0}
+    assert decision.status.progress.percent == 50 and decision.status.metrics == {"trainLoss": 2.0}
     assert decision.events == []
+
+
+ERROR = {
+    "type": "ReconcileError",
+    "status": "True",
+    "reason": "Forbidden",
+    "message": "the operator could not act on the job: exceeded quota",
+    "lastTransitionTime": ts(CREATED),
+    "observedGeneration": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("previous_pass_failed", "expected"),
+    [
+        pytest.param(False, ("False", "Recovered", ts(NOW)), id="last-pass-went-through-recovers"),
+        pytest.param(True, ("True", "Forbidden", ts(CREATED)), id="last-pass-failed-keeps-the-error"),
+    ],
+)
+def test_a_recorded_error_is_cleared_once_a_pass_went_through(
+    previous_pass_failed: bool, expected: tuple[str, str, str]
+) -> None:
+    observed = replace(job(running_status(conditions=[ERROR])), previous_pass_failed=previous_pass_failed)
+    decision = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW)
+    condition = _condition(decision, "ReconcileError")
+    assert (condition["status"], condition["reason"], condition["lastTransitionTime"]) == expected
+    assert decision.events == []
+
+
+def test_record_error_sets_the_condition_and_keeps_its_time_while_the_error_lasts() -> None:
+    first = record_error(FinetuneJobStatus(phase="Pending"), "Forbidden", "quota", NOW, 2)
+    again = record_error(first, "Forbidden", "quota", NOW + timedelta(minutes=1), 2)
+    assert again.to_api() == first.to_api()
+    assert first.to_api()["conditions"] == [
+        {
+            "type": "ReconcileError",
+            "status": "True",
+            "reason": "Forbidden",
+            "message": "quota",
+            "lastTransitionTime": ts(NOW),
+            "observedGeneration": 2,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("observed", "pods", "poll", "requeue"),
+    [
+        pytest.param(job(running_status()), [pod(0, **READY), pod(1, **RUNNING)], 2.0, 2.0, id="running"),
+        pytest.param(
+            job(running_status(startTime=ts(NOW - timedelta(minutes=30))), activeDeadlineSeconds=3600),
+            [pod(0, **READY), pod(1, **RUNNING)],
+            2.0,
+            2.0,
+            id="poll-sooner-than-the-deadline",
+        ),
+        pytest.param(
+            job(running_status(startTime=ts(NOW - timedelta(seconds=3599))), activeDeadlineSeconds=3600),
+            [pod(0, **READY), pod(1, **RUNNING)],
+            2.0,
+            1.0,
+            id="deadline-sooner-than-the-poll",
+        ),
+        pytest.param(
+            job({"phase": "Pending"}), [pod(0, **RUNNING), pod(1)], 2.0, 2.0, id="initializing-polls-too"
+        ),
+        pytest.param(job(running_status()), [pod(0, **READY), pod(1, **RUNNING)], None, None, id="no-poll"),
+        pytest.param(
+            job(running_status()),
+            [pod(0, **READY), pod(1, **succeeded())],
+            2.0,
+            2.0,
+            id="rank-zero-still-running",
+        ),
+        pytest.param(
+            job(running_status()),
+            [pod(0, **succeeded()), pod(1, **succeeded())],
+            2.0,
+            None,
+            id="finished-no-more-polls",
+        ),
+    ],
+)
+def test_rank_zero_is_polled_at_least_every_interval_while_it_reports(
+    observed: JobObservation, pods: list[PodObservation], poll: float | None, requeue: float | None
+) -> None:
+    decision = decide(replace(observed, progress_poll_seconds=poll), pods, NOW)
+    assert decision.requeue_after == requeue

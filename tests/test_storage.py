@@ -1,4 +1,6 @@
-"""The trainer's S3 layer against a real S3 endpoint (moto over HTTP): transfers, listings, errors."""
+"""The trainer's two stores: S3Store against a real S3 endpoint (moto over HTTP) and FolderStore on a
+temporary folder. Behaviour the trainer relies on (round trips, listings, pruning, missing objects) is
+one test run against both stores, which is what proves they agree."""
 
 from __future__ import annotations
 
@@ -8,19 +10,24 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
-from finetune_trainer.config import StorageConfig
+from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
 from finetune_trainer.storage import (
+    PARTIAL_PREFIX,
+    PARTIAL_SUFFIX,
     AccessDeniedError,
+    FolderStore,
     ObjectNotFoundError,
     ObjectStore,
+    S3Store,
     StorageError,
     StoredFile,
     join_uri,
@@ -45,14 +52,14 @@ def _clear_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(server: S3Server) -> Iterator[ObjectStore]:
+def s3_store(server: S3Server) -> Iterator[S3Store]:
     """A store that finds its credentials the way pods do: in the environment (read when it is built)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _clear_aws_env(monkeypatch)
         for name, value in s3_env(server.endpoint).items():
             monkeypatch.setenv(name, value)
         # 8 MiB parts: the 21 MiB file below moves in three parts.
-        yield ObjectStore(endpoint=server.endpoint, region=REGION, multipart_chunk_mb=8)
+        yield S3Store(endpoint=server.endpoint, region=REGION, multipart_chunk_mb=8)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +79,39 @@ def bucket(client: Any) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return name
+
+
+@dataclass(frozen=True)
+class Backing:
+    """One store under test, its bucket, and a way to place objects behind its back."""
+
+    store: ObjectStore
+    bucket: str
+    place: Callable[[str, bytes], None]
+
+
+@pytest.fixture(params=["s3", "folder"])
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
+    """Each shared test runs on both stores: S3 on loopback, and a folder (a bucket is a folder)."""
+    if request.param == "s3":
+        s3_store, client, bucket = (request.getfixturevalue(n) for n in ("s3_store", "client", "bucket"))
+
+        def put(key: str, data: bytes) -> None:
+            client.put_object(Bucket=bucket, Key=key, Body=data)
+
+        return Backing(s3_store, bucket, put)
+    root = tmp_path / "store"
+    (root / "outputs").mkdir(parents=True)
+
+    def write(key: str, data: bytes) -> None:
+        path = root / "outputs" / key
+        if key.endswith("/"):  # a console's "directory" marker is a folder here
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return Backing(FolderStore(root), "outputs", write)
 
 
 def _write(path: Path, data: bytes) -> StoredFile:
@@ -95,61 +135,87 @@ def _model_tree(root: Path) -> list[StoredFile]:
     return sorted(expected, key=lambda f: f.relative_path)
 
 
-def test_bytes_round_trip(store: ObjectStore, client: Any, bucket: str) -> None:
+def test_bytes_round_trip(backing: Backing) -> None:
+    store, bucket = backing.store, backing.bucket
     uri = f"s3://{bucket}/jobs/a/summary.json"
-    assert not store.exists(uri)
     store.put_bytes(uri, b'{"ok": true}', content_type="application/json")
     assert store.get_bytes(uri) == b'{"ok": true}'
-    assert client.head_object(Bucket=bucket, Key="jobs/a/summary.json")["ContentType"] == "application/json"
-    assert store.exists(uri)
-    assert store.exists(f"s3://{bucket}/jobs/a")
-    assert store.exists(f"s3://{bucket}/jobs/")
-    assert not store.exists(f"s3://{bucket}/jobs/a/summary")
-    assert not store.exists(f"s3://{bucket}/job")
+    store.put_bytes(uri, b'{"ok": false}')
+    assert store.get_bytes(uri) == b'{"ok": false}'
+    assert store.list_files(f"s3://{bucket}/jobs/a") == [StoredFile("summary.json", 13, "")]
+    assert store.list_files(f"s3://{bucket}/jobs/") == [StoredFile("a/summary.json", 13, "")]
+    assert store.list_files(f"s3://{bucket}/jobs/a/summary") == []
+    assert store.list_files(f"s3://{bucket}/job") == []
 
 
-def test_file_round_trip(store: ObjectStore, bucket: str, tmp_path: Path) -> None:
-    expected = _write(tmp_path / "data" / "train.jsonl", b'{"text": "hello"}\n' * 1000)
-    uri = f"s3://{bucket}/datasets/train.jsonl"
-    assert store.upload_file(tmp_path / "data" / "train.jsonl", uri) == expected
+def test_s3_keeps_the_content_type(s3_store: S3Store, client: Any, bucket: str) -> None:
+    s3_store.put_bytes(f"s3://{bucket}/summary.json", b"{}", content_type="application/json")
+    assert client.head_object(Bucket=bucket, Key="summary.json")["ContentType"] == "application/json"
+
+
+def test_file_round_trip(backing: Backing, tmp_path: Path) -> None:
+    data = b'{"text": "hello"}\n' * 1000
+    backing.place("datasets/train.jsonl", data)
     target = tmp_path / "deep" / "er" / "train.jsonl"
-    assert store.download_file(uri, target) == target
-    assert target.read_bytes() == (tmp_path / "data" / "train.jsonl").read_bytes()
+    assert backing.store.download_file(f"s3://{backing.bucket}/datasets/train.jsonl", target) == target
+    assert target.read_bytes() == data
 
 
-def test_directory_round_trip(store: ObjectStore, client: Any, bucket: str, tmp_path: Path) -> None:
+def test_directory_round_trip(backing: Backing, tmp_path: Path) -> None:
+    store, bucket = backing.store, backing.bucket
     expected = _model_tree(tmp_path / "model")
     uploaded = store.upload_directory(tmp_path / "model", f"s3://{bucket}/models/llama")
-    assert sorted(uploaded, key=lambda f: f.relative_path) == expected
-    # Multipart uploads have ETags of the form "<md5 of part md5s>-<number of parts>".
-    assert client.head_object(Bucket=bucket, Key="models/llama/model.safetensors")["ETag"].endswith('-3"')
+    assert uploaded == expected  # in key order
 
     # A console's "directory" marker and a sibling whose name merely starts the same are not part of it.
-    client.put_object(Bucket=bucket, Key="models/llama/tokenizer/", Body=b"")
-    client.put_object(Bucket=bucket, Key="models/llama-v2/config.json", Body=b"{}")
+    backing.place("models/llama/tokenizer/", b"")
+    backing.place("models/llama-v2/config.json", b"{}")
 
-    listed = store.list_files(f"s3://{bucket}/models/llama/")
-    assert sorted(listed, key=lambda f: f.relative_path) == [
+    assert store.list_files(f"s3://{bucket}/models/llama/") == [
         StoredFile(f.relative_path, f.size, "") for f in expected
     ]
 
     downloaded = store.download_prefix(f"s3://{bucket}/models/llama", tmp_path / "copy")
-    assert sorted(downloaded, key=lambda f: f.relative_path) == expected
+    assert downloaded == expected
     for stored in expected:
         copy = (tmp_path / "copy" / stored.relative_path).read_bytes()
         assert copy == (tmp_path / "model" / stored.relative_path).read_bytes()
 
 
-def test_subprefixes_and_delete_over_a_thousand_objects(store: ObjectStore, client: Any, bucket: str) -> None:
-    def put(key: str) -> None:
-        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+def test_s3_uploads_large_files_in_parts(s3_store: S3Store, client: Any, bucket: str, tmp_path: Path) -> None:
+    _model_tree(tmp_path / "model")
+    s3_store.upload_directory(tmp_path / "model", f"s3://{bucket}/models/llama")
+    # Multipart uploads have ETags of the form "<md5 of part md5s>-<number of parts>".
+    assert client.head_object(Bucket=bucket, Key="models/llama/model.safetensors")["ETag"].endswith('-3"')
 
+
+def test_listing_order_is_key_order(backing: Backing) -> None:
+    """S3 sorts keys by their UTF-8 bytes: "a-b" before "a/b", and "Z" before "a"."""
+    keys = ["a/b", "a-b", "a0", "Z", "é", "a/a/c", "b"]
+    for key in keys:
+        backing.place(f"order/{key}", key.encode())
+    assert [f.relative_path for f in backing.store.list_files(f"s3://{backing.bucket}/order")] == sorted(
+        keys, key=str.encode
+    )
+
+
+def test_subprefixes_and_delete_over_a_thousand_objects(backing: Backing) -> None:
+    store, bucket = backing.store, backing.bucket
     keys = [f"out/checkpoints/step-{i:04d}/done" for i in range(1100)]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(put, [*keys, "out/checkpoints/README", "out/checkpoints-old/step-1/done"]))
+        list(
+            pool.map(
+                lambda key: backing.place(key, b"x"),
+                [*keys, "out/checkpoints/README", "out/checkpoints-old/step-1/done"],
+            )
+        )
 
     subprefixes = store.list_subprefixes(f"s3://{bucket}/out/checkpoints")
     assert subprefixes == [f"s3://{bucket}/out/checkpoints/step-{i:04d}/" for i in range(1100)]
+    files = store.list_files(f"s3://{bucket}/out/checkpoints")
+    assert len(files) == 1101
+    assert files[0] == StoredFile("README", 1, "")
+    assert files[-1] == StoredFile("step-1099/done", 1, "")
     assert store.list_subprefixes(f"s3://{bucket}/out/") == [
         f"s3://{bucket}/out/checkpoints-old/",
         f"s3://{bucket}/out/checkpoints/",
@@ -159,7 +225,7 @@ def test_subprefixes_and_delete_over_a_thousand_objects(store: ObjectStore, clie
     # The 1,099 steps left and the README: more than one DeleteObjects batch.
     assert store.delete_prefix(f"s3://{bucket}/out/checkpoints") == 1100
     assert store.list_files(f"s3://{bucket}/out/checkpoints") == []
-    assert store.exists(f"s3://{bucket}/out/checkpoints-old/step-1/done")
+    assert store.list_subprefixes(f"s3://{bucket}/out/") == [f"s3://{bucket}/out/checkpoints-old/"]
     assert store.delete_prefix(f"s3://{bucket}/out/checkpoints") == 0
     with pytest.raises(ValueError, match="refusing"):
         store.delete_prefix(f"s3://{bucket}/")
@@ -169,12 +235,12 @@ def test_subprefixes_and_delete_over_a_thousand_objects(store: ObjectStore, clie
     "key", ["models/evil/../../escape.txt", "models/evil//etc/escape.txt", "models/evil/./a.txt"]
 )
 def test_download_prefix_refuses_keys_that_leave_the_destination(
-    store: ObjectStore, client: Any, bucket: str, tmp_path: Path, key: str
+    s3_store: S3Store, client: Any, bucket: str, tmp_path: Path, key: str
 ) -> None:
     client.put_object(Bucket=bucket, Key="models/evil/config.json", Body=b"{}")
     client.put_object(Bucket=bucket, Key=key, Body=b"x")
     with pytest.raises(StorageError, match="not a safe relative path") as caught:
-        store.download_prefix(f"s3://{bucket}/models/evil", tmp_path / "a" / "b")
+        s3_store.download_prefix(f"s3://{bucket}/models/evil", tmp_path / "a" / "b")
     assert caught.value.uri == f"s3://{bucket}/{key}"
     assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == []
 
@@ -183,36 +249,41 @@ def test_download_prefix_refuses_keys_that_leave_the_destination(
     ("operation", "target"),
     [
         ("get_bytes", "s3://{bucket}/missing.json"),
+        ("get_bytes", "s3://{bucket}/models"),
         ("download_file", "s3://{bucket}/missing.jsonl"),
         ("get_bytes", "s3://no-such-bucket-{bucket}/data.jsonl"),
         ("download_file", "s3://no-such-bucket-{bucket}/data.jsonl"),
         ("download_prefix", "s3://no-such-bucket-{bucket}/models/llama"),
         ("list_files", "s3://no-such-bucket-{bucket}/models/llama"),
+        ("list_subprefixes", "s3://no-such-bucket-{bucket}/models/"),
+        ("put_bytes", "s3://no-such-bucket-{bucket}/models/config.json"),
         ("download_prefix", "s3://{bucket}/models/nothing-here"),
     ],
 )
-def test_missing_objects_name_the_uri(
-    store: ObjectStore, bucket: str, tmp_path: Path, operation: str, target: str
-) -> None:
-    uri = target.format(bucket=bucket)
-    call = getattr(store, operation)
+def test_missing_objects_name_the_uri(backing: Backing, tmp_path: Path, operation: str, target: str) -> None:
+    """Non-retryable (the trainer gives up at once) on both stores, with the same words."""
+    backing.place("models/llama/config.json", b"{}")
+    uri = target.format(bucket=backing.bucket)
+    call = getattr(backing.store, operation)
     with pytest.raises(ObjectNotFoundError) as caught:
-        call(uri) if operation in ("get_bytes", "list_files") else call(uri, tmp_path / "target")
+        if operation == "put_bytes":
+            call(uri, b"{}")
+        elif operation in ("download_file", "download_prefix"):
+            call(uri, tmp_path / "target")
+        else:
+            call(uri)
     assert caught.value.uri == uri
-    assert uri in str(caught.value)
-    assert "does not exist" in str(caught.value)
+    assert str(caught.value).startswith(f"{uri} does not exist")
+    if "no-such-bucket" in uri and operation != "download_file":  # S3's HEAD of a file cannot tell
+        assert f"no bucket 'no-such-bucket-{backing.bucket}'" in str(caught.value)
 
 
-def test_exists_is_false_for_a_missing_bucket(store: ObjectStore, bucket: str) -> None:
-    assert not store.exists(f"s3://no-such-bucket-{bucket}/model")
-
-
-def test_an_unreachable_endpoint_is_a_retryable_storage_error(store: ObjectStore) -> None:
-    """Not a configuration error: the trainer may retry. (``store`` puts credentials in the environment.)"""
+def test_an_unreachable_endpoint_is_a_retryable_storage_error(s3_store: S3Store) -> None:
+    """Not a configuration error: the trainer may retry (``s3_store`` puts credentials in the environment)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    unreachable = ObjectStore(endpoint=closed, region=REGION, max_attempts=1)
+    unreachable = S3Store(endpoint=closed, region=REGION, max_attempts=1)
     with pytest.raises(StorageError) as caught:
         unreachable.get_bytes("s3://bucket/model/config.json")
     assert type(caught.value) is StorageError
@@ -227,7 +298,7 @@ def test_no_credentials_is_access_denied(
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws/config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws/credentials")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    store = ObjectStore(endpoint=server.endpoint, region=REGION)
+    store = S3Store(endpoint=server.endpoint, region=REGION)
     uri = f"s3://{bucket}/model/config.json"
     with pytest.raises(AccessDeniedError) as caught:
         store.get_bytes(uri)
@@ -250,16 +321,16 @@ def test_refused_credentials_are_access_denied_without_secrets(
         "AWS_SECRET_ACCESS_KEY": secret,
     }.items():
         monkeypatch.setenv(name, value)
-    store = ObjectStore.from_config(StorageConfig(endpoint=server.endpoint, region=REGION))
+    store = ObjectStore.from_config(S3StorageConfig(endpoint=server.endpoint, region=REGION))
     uri = f"s3://{bucket}/model/config.json"
     with server.require_authentication():
         failures = []
         for attempt in (
             lambda: store.get_bytes(uri),
-            lambda: store.exists(uri),
+            lambda: store.list_files(f"s3://{bucket}/model/"),
             lambda: store.download_file(uri, tmp_path / "config.json"),
             lambda: store.download_prefix(f"s3://{bucket}/model/", tmp_path / "model"),
-            lambda: store.upload_file(source, f"s3://{bucket}/model/new.json"),
+            lambda: store.upload_directory(source.parent, f"s3://{bucket}/model/new/"),
         ):
             with pytest.raises(AccessDeniedError) as caught:
                 attempt()
@@ -318,3 +389,136 @@ def test_join_uri_rejects_a_non_s3_prefix() -> None:
 def test_importing_storage_does_not_import_torch() -> None:
     code = "import sys, finetune_trainer.storage; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_contract_picks_the_store(tmp_path: Path) -> None:
+    folder = ObjectStore.from_config(FolderStorageConfig(kind="folder", root=str(tmp_path)))
+    assert isinstance(folder, FolderStore) and folder.root == tmp_path.resolve()
+    assert isinstance(ObjectStore.from_config(S3StorageConfig(endpoint=None, region=REGION)), S3Store)
+
+
+def test_a_missing_store_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ObjectNotFoundError, match=f"the store folder {tmp_path / 'nowhere'} does not exist"):
+        FolderStore(tmp_path / "nowhere")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> FolderStore:
+    """A store folder with one bucket, and a file beside it that no key may reach."""
+    (tmp_path / "store" / "outputs" / "job").mkdir(parents=True)
+    (tmp_path / "store" / "outputs" / "job" / "config.json").write_bytes(b"{}")
+    (tmp_path / "secret.txt").write_bytes(b"outside the store")
+    return FolderStore(tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://outputs/../secret.txt",
+        "s3://outputs/job/../../secret.txt",
+        "s3://outputs//etc/passwd",
+        "s3://outputs/job/./config.json",
+        "s3://outputs/job//config.json",
+        "s3://../secret.txt",
+        "s3://./outputs/job/config.json",
+        "s3://outputs/job/a\0b",
+        "s3://outputs/escape/secret.txt",  # a symlink inside the store pointing out of it
+        "s3://outputs/escape/",
+    ],
+)
+def test_folder_store_refuses_keys_that_leave_the_folder(
+    folder: FolderStore, tmp_path: Path, uri: str
+) -> None:
+    (folder.root / "outputs" / "escape").symlink_to(tmp_path, target_is_directory=True)
+    source = tmp_path / "upload"
+    source.mkdir()
+    (source / "a.txt").write_bytes(b"x")
+    attempts = {
+        "get_bytes": lambda: folder.get_bytes(uri),
+        "put_bytes": lambda: folder.put_bytes(uri, b"overwritten"),
+        "download_file": lambda: folder.download_file(uri, tmp_path / "down" / "file"),
+        "download_prefix": lambda: folder.download_prefix(uri, tmp_path / "down"),
+        "upload_directory": lambda: folder.upload_directory(source, uri),
+        "list_files": lambda: folder.list_files(uri),
+        "list_subprefixes": lambda: folder.list_subprefixes(uri),
+        "delete_prefix": lambda: folder.delete_prefix(uri),
+    }
+    for operation, attempt in attempts.items():
+        with pytest.raises(AccessDeniedError) as caught:
+            attempt()
+        assert caught.value.uri == uri, operation
+        assert str(caught.value).startswith(f"access to {uri} denied: "), operation
+        assert str(folder.root) in str(caught.value), operation
+    assert (tmp_path / "secret.txt").read_bytes() == b"outside the store"
+    assert not (tmp_path / "down").exists() and not (tmp_path / "a.txt").exists()
+
+
+def test_folder_listings_refuse_a_symlinked_file_pointing_out(folder: FolderStore, tmp_path: Path) -> None:
+    (folder.root / "outputs" / "job" / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(AccessDeniedError, match=r"access to s3://outputs/job/leak\.txt denied") as caught:
+        folder.download_prefix("s3://outputs/job/", tmp_path / "down")
+    assert caught.value.uri == "s3://outputs/job/leak.txt"
+
+
+def test_folder_writes_replace_whole_files(folder: FolderStore, tmp_path: Path) -> None:
+    """A reader that opened the old file keeps reading it whole: the new one is renamed over it."""
+    uri = "s3://outputs/job/checkpoints/step-10/manifest.json"
+    folder.put_bytes(uri, b"old manifest")
+    path = folder.root / "outputs" / "job" / "checkpoints" / "step-10" / "manifest.json"
+    with path.open("rb") as reader:
+        folder.put_bytes(uri, b"new")
+        assert reader.read() == b"old manifest"
+    assert folder.get_bytes(uri) == b"new"
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "manifest.json").write_bytes(b"uploaded")
+    with path.open("rb") as reader:
+        folder.upload_directory(tmp_path / "checkpoint", "s3://outputs/job/checkpoints/step-10")
+        assert reader.read() == b"new"
+    assert path.read_bytes() == b"uploaded"
+    assert not [p for p in folder.root.rglob("*") if p.name.startswith(PARTIAL_PREFIX)]
+
+
+def test_folder_listings_hide_writes_in_progress(folder: FolderStore, tmp_path: Path) -> None:
+    """A write cut short (a killed rank) leaves a hidden file that no listing or download shows."""
+    checkpoint = folder.root / "outputs" / "job" / "checkpoints" / "step-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / f"{PARTIAL_PREFIX}0123{PARTIAL_SUFFIX}").write_bytes(b"half a shard")
+    assert folder.list_subprefixes("s3://outputs/job/checkpoints/") == []
+    assert folder.list_files("s3://outputs/job/") == [StoredFile("config.json", 2, "")]
+    with pytest.raises(ObjectNotFoundError):
+        folder.download_prefix("s3://outputs/job/checkpoints/step-5", tmp_path / "down")
+    # Dot files of a real model (.gitattributes) are objects like any other.
+    (folder.root / "outputs" / "job" / ".gitattributes").write_bytes(b"*")
+    assert [f.relative_path for f in folder.list_files("s3://outputs/job")] == [
+        ".gitattributes",
+        "config.json",
+    ]
+
+
+def test_folder_downloads_are_links_and_survive_later_writes(folder: FolderStore, tmp_path: Path) -> None:
+    target = folder.download_file("s3://outputs/job/config.json", tmp_path / "inputs" / "config.json")
+    assert target.stat().st_ino == (folder.root / "outputs" / "job" / "config.json").stat().st_ino
+    folder.put_bytes("s3://outputs/job/config.json", b'{"changed": true}')
+    assert target.read_bytes() == b"{}"
+    assert folder.download_file("s3://outputs/job/config.json", target).read_bytes() == b'{"changed": true}'
+
+
+def test_folder_delete_leaves_no_empty_folders(folder: FolderStore) -> None:
+    for step in (1, 2):
+        folder.put_bytes(f"s3://outputs/job/checkpoints/step-{step}/shards/model.pt", b"m")
+    assert folder.delete_prefix("s3://outputs/job/checkpoints/step-1") == 1
+    assert not (folder.root / "outputs" / "job" / "checkpoints" / "step-1").exists()
+    assert folder.list_subprefixes("s3://outputs/job/checkpoints/") == [
+        "s3://outputs/job/checkpoints/step-2/"
+    ]
+    assert folder.delete_prefix("s3://outputs/job/checkpoints/step-1") == 0
+    with pytest.raises(ValueError, match="refusing to delete every object in bucket 'outputs'"):
+        folder.delete_prefix("s3://outputs/")
+
+
+@pytest.mark.parametrize("uri", ["s3://outputs/job/config.json/inner", "s3://outputs/job"])
+def test_folder_store_names_a_file_and_folder_clash(folder: FolderStore, uri: str) -> None:
+    """S3 may hold both "a" and "a/b"; a folder cannot, and says so instead of a traceback."""
+    with pytest.raises(StorageError, match="a file and a folder would share a path") as caught:
+        folder.put_bytes(uri, b"x")
+    assert caught.value.uri == uri

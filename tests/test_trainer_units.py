@@ -15,8 +15,8 @@ from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.evaluation import classification_metrics
 from finetune_trainer.launch import exit_code
 from finetune_trainer.modeling import _quantization
-from finetune_trainer.recipe import lr_multiplier, make_plan
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
+from finetune_trainer.training_support import lr_multiplier, make_plan
 
 from tests.manifests import minimal_manifest
 
@@ -142,18 +142,10 @@ def test_early_stopping_counts_evaluations_without_improvement(monkeypatch: pyte
     losses = iter([2.0, 1.5, 1.6, 1.55, 1.7])
     monkeypatch.setattr(recipe, "evaluate", lambda *_args, **_kwargs: {"evalLoss": next(losses)})
     job = config(dataset={"evalSplit": 0.1}, hyperparameters={"earlyStopping": {"patience": 3}})
-    loop = recipe._Loop(
-        job,
-        recipe.Ranks(0, 0, 1, torch.device("cpu")),
-        engine=None,
-        checkpointer=None,
-        progress=recipe.Progress(),
-        plan=recipe.Plan(10, 1, 100),
-        state=recipe.LoopState(),
-        eval_examples=[],
-        labels=None,
-        tokenizer=type("Tokenizer", (), {"pad_token_id": 0})(),
-    )
+    loop = recipe.FinetuneRecipe(job, stop_requested=lambda: False)
+    loop.ranks = recipe.Ranks(0, 0, 1, torch.device("cpu"))
+    loop.engine, loop.eval_examples, loop.labels = None, [], None
+    loop.tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
     decisions = [loop._evaluate_and_should_stop() for _ in range(5)]
     assert decisions == [False, False, False, False, True]
     assert loop.state.best_eval_loss == 1.5

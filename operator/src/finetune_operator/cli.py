@@ -118,8 +118,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         names = ", ".join(str(job.metadata.name) for job in jobs) or "none"
         print(f"{args.file}: pick one FinetuneJob with --name (found: {names})", file=sys.stderr)
         return 1
+    store = args.store
+    if args.embedded_s3 is not None:
+        print(
+            "finetune run: --embedded-s3 is deprecated and goes in the next release; use --store DIR "
+            "(the same folder layout, without a server)",
+            file=sys.stderr,
+        )
+        store = args.embedded_s3
     try:
-        code, _ = run_local(chosen[0], args.embedded_s3)
+        code, _ = run_local(chosen[0], store)
     except LocalRunError as error:
         print(f"finetune run: {error}", file=sys.stderr)
         return 1
@@ -157,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a FinetuneJob on this machine (local GPUs, or CPU processes)")
     run.add_argument("file", metavar="FILE", help="YAML file with the FinetuneJob")
     run.add_argument("--name", help="which FinetuneJob of the file, when it holds several")
-    run.add_argument(
-        "--embedded-s3",
+    stores = run.add_mutually_exclusive_group()
+    stores.add_argument(
+        "--store",
         type=Path,
         metavar="DIR",
-        help="serve DIR as the S3 store for this run (each top-level folder a bucket); outputs stay in DIR",
+        help="use the folder DIR as the store: s3://bucket/key is DIR/bucket/key; outputs land there too",
     )
+    stores.add_argument("--embedded-s3", type=Path, metavar="DIR", help="deprecated: the same as --store DIR")
     run.set_defaults(handler=cmd_run)
     demo = commands.add_parser("demo", help="fine-tune a tiny model on this machine, end to end")
     demo.add_argument("--dir", type=Path, default=Path("finetune-demo"), help="where the demo's files go")

@@ -50,10 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     # Imported here: the heavy stack (torch, deepspeed) loads only once the configuration is valid.
     from finetune_trainer.errors import NonRetryableError
-    from finetune_trainer.recipe import NonRetryableFailures, train
+    from finetune_trainer.recipe import run
+    from finetune_trainer.training_support import NonRetryableFailures
 
     try:
-        result = train(config, stop.is_set)
+        result = run(config, stop.is_set)
     except NonRetryableFailures as error:
         logger.error("%s", error)
         message = str(error) if isinstance(error, NonRetryableError) else f"{type(error).__name__}: {error}"

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 CONFIG_SCHEMA_VERSION = 1
@@ -137,11 +137,44 @@ class DeepSpeedSettings(ContractModel):
     overrides: dict[str, Any]
 
 
-class StorageConfig(ContractModel):
+class S3StorageConfig(ContractModel):
     """Where S3 is; credentials never travel in the config (environment or workload identity)."""
 
+    kind: Literal["s3"] = "s3"
     endpoint: str | None
     region: str | None
+
+
+class FolderStorageConfig(ContractModel):
+    """A folder as the store (``finetune run --store DIR``): s3://bucket/key is the file root/bucket/key.
+
+    Local runs only: the operator never writes it, since pods share no folder.
+    """
+
+    kind: Literal["folder"]
+    root: str
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: str) -> str:
+        # Ranks start in other working directories: a relative root would name another folder in each.
+        if not Path(root).is_absolute():
+            raise ValueError(f"storage.root must be an absolute path, not {root!r}")
+        return root
+
+
+def _storage_kind(document: Any) -> str:
+    """Contracts written before the folder store carry no kind: they are S3."""
+    if isinstance(document, dict):
+        return document.get("kind", "s3")
+    return getattr(document, "kind", "s3")
+
+
+# Which store a worker reads from and writes to; the operator always writes S3.
+StorageConfig = Annotated[
+    Annotated[S3StorageConfig, Tag("s3")] | Annotated[FolderStorageConfig, Tag("folder")],
+    Discriminator(_storage_kind),
+]
 
 
 class OutputConfig(ContractModel):

@@ -5,56 +5,50 @@ the HF Trainer counts one process when there is no CUDA ("train_batch_size 2 != 
 ranks), so it cannot be tested with several ranks on CPU, and its loop hides what this one needs to
 control: collective agreement on stopping, background checkpoint uploads, and no host sync per step.
 
-Every rank runs this function. Steps: fetch inputs (one download per node), prepare data, build the
-model for the method, resume from the newest complete checkpoint, train with periodic evaluation,
-checkpoints and progress reports, then write the model and its metrics to S3.
+Every rank runs ``run()``, which drives ``FinetuneRecipe`` the way a torchtune recipe is driven:
+``setup()`` fetches the inputs (one download per node), prepares the data, builds the model for the
+method and resumes from the newest complete checkpoint; ``train()`` is the loop, with periodic
+evaluation, checkpoints and progress reports; ``save_outputs()`` writes the model and its metrics to
+S3; ``cleanup()`` stops the progress server. The generic parts live in ``training_support.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from finetune_trainer import data
 from finetune_trainer.checkpointing import Checkpointer
-from finetune_trainer.collectives import any_rank, largest
+from finetune_trainer.collectives import any_rank
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
-from finetune_trainer.deepspeed_config import build_deepspeed_config
-from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.evaluation import LabelSet, evaluate
 from finetune_trainer.modeling import load_model, load_tokenizer
 from finetune_trainer.outputs import write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer
-from finetune_trainer.storage import AccessDeniedError, ObjectNotFoundError, ObjectStore, parse_s3_uri
+from finetune_trainer.storage import ObjectStore, parse_s3_uri
+from finetune_trainer.training_support import (
+    Plan,
+    Ranks,
+    build_engine,
+    init_distributed,
+    make_plan,
+    micro_batches,
+    optimizer_step,
+    reseed,
+    together,
+)
 
 logger = logging.getLogger(__name__)
-
-# What no restart fixes: the trainer exits with the reserved code for these.
-NonRetryableFailures = (NonRetryableError, data.DataError, ObjectNotFoundError, AccessDeniedError)
-# Ranks agree on failures: 0 none, 1 retryable, 2 non-retryable (the worst wins everywhere).
-_FAILURE_NONE, _FAILURE_RETRYABLE, _FAILURE_FINAL = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
 
 
 @dataclass
@@ -66,18 +60,6 @@ class RunResult:
 
 
 @dataclass
-class Plan:
-    """How the data maps to optimizer steps."""
-
-    micro_batches_per_epoch: int
-    accumulation: int
-    total_steps: int
-
-    def epoch_at(self, step: int) -> float:
-        return step * self.accumulation / self.micro_batches_per_epoch
-
-
-@dataclass
 class LoopState:
     """What a checkpoint carries besides the engine's own state (the client state)."""
 
@@ -86,41 +68,14 @@ class LoopState:
     evaluations_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def from_client_state(cls, client_state: dict[str, Any]) -> LoopState:
+        """The loop state a checkpoint resumes; DeepSpeed's own keys in the client state are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in client_state.items() if k in names})
 
-def init_distributed(config: TrainerConfig) -> Ranks:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = config.distributed.uses_gpus and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    minutes = int(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
-    deepspeed.init_distributed(
-        dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=minutes)
-    )
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-def together(ranks: Ranks, work: Callable[[], Any]) -> Any:
-    """Runs ``work`` on every rank; if it fails anywhere, it fails everywhere, with the same kind.
-
-    Otherwise a rank whose download failed would leave the others waiting in a barrier, and a pod
-    exiting with a retryable code could restart a gang that must fail.
-    """
-    result, error, kind = None, None, _FAILURE_NONE
-    try:
-        result = work()
-    except NonRetryableFailures as failure:
-        error, kind = failure, _FAILURE_FINAL
-    except Exception as failure:
-        error, kind = failure, _FAILURE_RETRYABLE
-    worst = largest(kind, ranks.device)
-    if worst == _FAILURE_NONE:
-        return result
-    if error is None:
-        error = RuntimeError("another rank failed; see its log")
-    if worst == _FAILURE_FINAL and not isinstance(error, NonRetryableError):
-        raise NonRetryableError(str(error)) from error
-    raise error
+    def client_state(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -130,266 +85,148 @@ class Inputs:
     eval_file: Path | None
 
 
-def fetch_inputs(config: TrainerConfig, store: ObjectStore, workspace: Path, ranks: Ranks) -> Inputs:
-    """One download per node (local rank 0); the other local ranks wait for it."""
+class FinetuneRecipe:
+    """One rank of a fine-tuning run: ``setup()``, ``train()``, ``save_outputs()``, ``cleanup()``."""
 
-    def local_path(uri: str, name: str) -> Path:
-        return workspace / "inputs" / name / Path(parse_s3_uri(uri)[1]).name
+    # Built by setup() from the validated configuration.
+    ranks: Ranks
+    store: ObjectStore
+    tokenizer: Any
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    labels: LabelSet | None
+    plan: Plan
+    engine: Any
+    checkpointer: Checkpointer
+    log_every: int
 
-    inputs = Inputs(
-        model_dir=workspace / "inputs" / "model",
-        train_file=local_path(config.dataset.train, "train"),
-        eval_file=local_path(config.dataset.eval, "eval") if config.dataset.eval else None,
-    )
+    def __init__(self, config: TrainerConfig, stop_requested: Callable[[], bool]) -> None:
+        self.config = config
+        self.hp = config.hyperparameters
+        self.stop_requested = stop_requested
+        self.workspace = Path(os.environ.get("FINETUNE_WORKSPACE", "/workspace"))
+        self.progress = Progress()
+        self.server: ProgressServer | None = None
+        self.state = LoopState()
+        self.last_eval: dict[str, float] = {}
 
-    def download() -> None:
-        if ranks.local_rank != 0:
-            return
-        store.download_prefix(config.model.uri, inputs.model_dir)
-        store.download_file(config.dataset.train, inputs.train_file)
-        if config.dataset.eval and inputs.eval_file:
-            store.download_file(config.dataset.eval, inputs.eval_file)
+    @property
+    def history(self) -> History:
+        """The metric history lives in the loop state, so that checkpoints carry it."""
+        return History(self.state.history)
 
-    together(ranks, download)
-    return inputs
+    # --- setup ------------------------------------------------------------------------------------
 
-
-def _examples(path: Path, config: TrainerConfig, tokenizer: Any, what: str) -> list[Example]:
-    rows = data.load_rows(path)
-    examples, report = data.prepare(rows, config.dataset, tokenizer)
-    logger.info("%s data: %s", what, report.summary())
-    data.check_usable(report)
-    return examples
-
-
-def prepare_data(
-    config: TrainerConfig, inputs: Inputs, tokenizer: Any
-) -> tuple[list[Example], list[Example]]:
-    train = _examples(inputs.train_file, config, tokenizer, "training")
-    evaluation: list[Example] = []
-    if inputs.eval_file is not None:
-        evaluation = _examples(inputs.eval_file, config, tokenizer, "evaluation")
-    elif config.dataset.eval_split is not None:
-        train, evaluation = data.split_eval(train, config.dataset.eval_split, config.hyperparameters.seed)
-    if config.dataset.packing:
-        assert tokenizer.eos_token_id is not None
-        train = data.pack(train, config.dataset.max_seq_length, tokenizer.eos_token_id)
-    return train, evaluation
-
-
-def make_plan(config: TrainerConfig, train_examples: int, world_size: int) -> Plan:
-    hp = config.hyperparameters
-    micro = (train_examples // world_size) // hp.batch_size_per_device
-    if micro == 0:
-        raise NonRetryableError(
-            f"{train_examples} training sequences are too few for batchSizePerDevice "
-            f"{hp.batch_size_per_device} on {world_size} ranks"
-        )
-    if hp.max_steps is not None:
-        total = hp.max_steps
-    else:
-        assert hp.epochs is not None
-        total = max(1, math.ceil(hp.epochs * micro / hp.gradient_accumulation_steps))
-    return Plan(micro, hp.gradient_accumulation_steps, total)
-
-
-def lr_multiplier(config: TrainerConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup from 0, then cosine or linear decay to 0, or constant."""
-    hp = config.hyperparameters
-    warmup = int(hp.warmup_ratio * total_steps)
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if hp.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if hp.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return multiplier
-
-
-def build_engine(config: TrainerConfig, model: torch.nn.Module, plan: Plan, ranks: Ranks) -> Any:
-    hp = config.hyperparameters
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_config = build_deepspeed_config(config, ranks.world_size)
-    optimizer = None
-    if "optimizer" not in ds_config:  # ZeRO-Offload brings DeepSpeed's CPU Adam instead
-        fused = ranks.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=fused
-        )
-    multiplier = lr_multiplier(config, plan.total_steps)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        optimizer=optimizer,
-        lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, multiplier),
-        config=ds_config,
-    )
-    return engine
-
-
-def micro_batches(
-    examples: list[Example], ranks: Ranks, batch_size: int, seed: int, start: int
-) -> Iterator[list[Example]]:
-    """This rank's micro-batches from ``start`` on, forever: a seeded shuffle per epoch."""
-    share = examples[ranks.rank :: ranks.world_size][: len(examples) // ranks.world_size]
-    per_epoch = len(share) // batch_size
-    index = start
-    while True:
-        epoch, offset = divmod(index, per_epoch)
-        order = torch.randperm(len(share), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        chosen = order[offset * batch_size : (offset + 1) * batch_size]
-        yield [share[i] for i in chosen]
-        index += 1
-
-
-def optimizer_step(
-    engine: Any,
-    batches: Iterator[list[Example]],
-    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
-    accumulation: int,
-    loss_sum: torch.Tensor,
-    tokens: torch.Tensor,
-) -> None:
-    """One optimizer step of ``accumulation`` micro-batches; sums loss and tokens on the device, so
-    nothing waits for the GPU here."""
-    device = loss_sum.device
-    for _ in range(accumulation):
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(next(batches)).items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        loss_sum += loss.detach().double()
-        tokens += batch["attention_mask"].sum()
-
-
-def _reseed(seed: int, rank: int, step: int) -> None:
-    """Seeds that continue across a resume: a function of the seed, the rank and the step."""
-    value = (seed * 1_000_003 + rank * 7919 + step) % 2**32
-    random.seed(value)
-    torch.manual_seed(value)
-
-
-def train(config: TrainerConfig, stop_requested: Callable[[], bool]) -> RunResult:
-    ranks = init_distributed(config)
-    hp = config.hyperparameters
-    workspace = Path(os.environ.get("FINETUNE_WORKSPACE", "/workspace"))
-    store = ObjectStore.from_config(config.storage)
-    progress = Progress()
-    server = ProgressServer(progress, config.reporting.progress_port).start() if ranks.rank == 0 else None
-    try:
-        inputs = fetch_inputs(config, store, workspace, ranks)
-        tokenizer = together(ranks, lambda: load_tokenizer(inputs.model_dir, config))
-        train_examples, eval_examples = together(ranks, lambda: prepare_data(config, inputs, tokenizer))
-        plan = together(ranks, lambda: make_plan(config, len(train_examples), ranks.world_size))
-        _reseed(hp.seed, ranks.rank, 0)
+    def setup(self) -> None:
+        """Joins the ranks, fetches and prepares the inputs, builds the engine and resumes."""
+        config = self.config
+        self.ranks = ranks = init_distributed(config)
+        self.store = ObjectStore.from_config(config.storage)
+        if ranks.rank == 0:
+            self.server = ProgressServer(self.progress, config.reporting.progress_port).start()
+        inputs = self._fetch_inputs()
+        self.tokenizer = together(ranks, lambda: load_tokenizer(inputs.model_dir, config))
+        self.train_examples, self.eval_examples = together(ranks, lambda: self._prepare_data(inputs))
+        self.plan = together(ranks, lambda: make_plan(config, len(self.train_examples), ranks.world_size))
+        reseed(self.hp.seed, ranks.rank, 0)
         model = together(ranks, lambda: load_model(inputs.model_dir, config))
-        engine = build_engine(config, model, plan, ranks)
-        checkpointer = Checkpointer(
-            store,
+        self.engine = build_engine(config, model, self.plan, ranks)
+        self.checkpointer = Checkpointer(
+            self.store,
             config.output.uri,
-            workspace / "checkpoints",
+            self.workspace / "checkpoints",
             rank=ranks.rank,
             local_rank=ranks.local_rank,
             world_size=ranks.world_size,
             keep=config.output.keep_checkpoints,
             device=ranks.device,
         )
-        client_state = together(ranks, lambda: checkpointer.resume(engine)) or {}
-        state = LoopState(**{k: v for k, v in client_state.items() if k in LoopState.__dataclass_fields__})
-        labels = LabelSet.from_examples(train_examples) if config.dataset.format == "classification" else None
-        loop = _Loop(
-            config, ranks, engine, checkpointer, progress, plan, state, eval_examples, labels, tokenizer
+        client_state = together(ranks, lambda: self.checkpointer.resume(self.engine)) or {}
+        self.state = LoopState.from_client_state(client_state)
+        is_classification = config.dataset.format == "classification"
+        self.labels = LabelSet.from_examples(self.train_examples) if is_classification else None
+        self.log_every = max(1, min(10, self.plan.total_steps // 20))
+
+    def _fetch_inputs(self) -> Inputs:
+        """One download per node (local rank 0); the other local ranks wait for it."""
+        dataset = self.config.dataset
+
+        def local_path(uri: str, name: str) -> Path:
+            return self.workspace / "inputs" / name / Path(parse_s3_uri(uri)[1]).name
+
+        inputs = Inputs(
+            model_dir=self.workspace / "inputs" / "model",
+            train_file=local_path(dataset.train, "train"),
+            eval_file=local_path(dataset.eval, "eval") if dataset.eval else None,
         )
-        outcome = loop.run(train_examples, stop_requested)
-        final_metrics = loop.final_metrics()
-        output_model = ""
-        if outcome == "succeeded":
-            output_model = write_outputs(
-                config,
-                store,
-                engine,
-                tokenizer,
-                workspace / "output",
-                ranks.rank,
-                final_metrics,
-                state.history,
-            )
-        return RunResult(outcome, state.step, final_metrics, output_model)
-    finally:
-        if server is not None:
-            server.stop()
 
+        def download() -> None:
+            if self.ranks.local_rank != 0:
+                return
+            self.store.download_prefix(self.config.model.uri, inputs.model_dir)
+            self.store.download_file(dataset.train, inputs.train_file)
+            if dataset.eval and inputs.eval_file:
+                self.store.download_file(dataset.eval, inputs.eval_file)
 
-class _Loop:
-    """The training loop and the bookkeeping around it."""
+        together(self.ranks, download)
+        return inputs
 
-    def __init__(
-        self,
-        config: TrainerConfig,
-        ranks: Ranks,
-        engine: Any,
-        checkpointer: Checkpointer,
-        progress: Progress,
-        plan: Plan,
-        state: LoopState,
-        eval_examples: list[Example],
-        labels: LabelSet | None,
-        tokenizer: Any,
-    ) -> None:
-        self.config = config
-        self.ranks = ranks
-        self.engine = engine
-        self.checkpointer = checkpointer
-        self.progress = progress
-        self.plan = plan
-        self.state = state
-        self.eval_examples = eval_examples
-        self.labels = labels
-        self.history = History(state.history)
-        pad_id = tokenizer.pad_token_id
+    def _prepare_data(self, inputs: Inputs) -> tuple[list[Example], list[Example]]:
+        dataset = self.config.dataset
+        train = self._load_examples(inputs.train_file, "training")
+        evaluation: list[Example] = []
+        if inputs.eval_file is not None:
+            evaluation = self._load_examples(inputs.eval_file, "evaluation")
+        elif dataset.eval_split is not None:
+            train, evaluation = data.split_eval(train, dataset.eval_split, self.hp.seed)
+        if dataset.packing:
+            assert self.tokenizer.eos_token_id is not None
+            train = data.pack(train, dataset.max_seq_length, self.tokenizer.eos_token_id)
+        return train, evaluation
 
-        def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
-            return data.collate(batch, pad_id)
+    def _load_examples(self, path: Path, what: str) -> list[Example]:
+        rows = data.load_rows(path)
+        examples, report = data.prepare(rows, self.config.dataset, self.tokenizer)
+        logger.info("%s data: %s", what, report.summary())
+        data.check_usable(report)
+        return examples
 
-        self.collate = collate
-        self.log_every = max(1, min(10, plan.total_steps // 20))
-        self.last_eval: dict[str, float] = {}
+    def _collate(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        return data.collate(batch, self.tokenizer.pad_token_id)
 
-    def run(self, examples: list[Example], stop_requested: Callable[[], bool]) -> str:
-        config, hp, ranks = self.config, self.config.hyperparameters, self.ranks
+    # --- training ---------------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Trains to the planned step: "succeeded", or "stopped" after a checkpoint when asked to stop."""
+        config, hp, ranks, plan, state = self.config, self.hp, self.ranks, self.plan, self.state
         self.progress.update(
-            total_steps=self.plan.total_steps,
-            step=self.state.step,
+            total_steps=plan.total_steps,
+            step=state.step,
             checkpoints=list(self.checkpointer.completed),
             latest_checkpoint=self.checkpointer.completed[-1] if self.checkpointer.completed else None,
             training=True,
             started=time.monotonic(),
         )
         batches = micro_batches(
-            examples,
+            self.train_examples,
             ranks,
             hp.batch_size_per_device,
             hp.seed,
-            self.state.step * hp.gradient_accumulation_steps,
+            state.step * hp.gradient_accumulation_steps,
         )
         loss_sum = torch.zeros((), device=ranks.device, dtype=torch.float64)
         tokens = torch.zeros((), device=ranks.device, dtype=torch.float64)
         window_start, window_steps = time.monotonic(), 0
         self.engine.train()
-        while self.state.step < self.plan.total_steps:
+        while state.step < plan.total_steps:
             optimizer_step(
-                self.engine, batches, self.collate, hp.gradient_accumulation_steps, loss_sum, tokens
+                self.engine, batches, self._collate, hp.gradient_accumulation_steps, loss_sum, tokens
             )
-            self.state.step += 1
+            state.step += 1
             window_steps += 1
-            step = self.state.step
-            _reseed(hp.seed, ranks.rank, step)
-            if step % self.log_every == 0 or step == self.plan.total_steps:
+            step = state.step
+            reseed(hp.seed, ranks.rank, step)
+            if step % self.log_every == 0 or step == plan.total_steps:
                 self._log(loss_sum, tokens, time.monotonic() - window_start, window_steps)
                 loss_sum.zero_()
                 tokens.zero_()
@@ -400,14 +237,14 @@ class _Loop:
                 and config.evaluation.every_steps
                 and step % config.evaluation.every_steps == 0
             )
-            if evaluate_now and step < self.plan.total_steps and self._evaluate_and_should_stop():
+            if evaluate_now and step < plan.total_steps and self._evaluate_and_should_stop():
                 break
-            if step % config.output.checkpoint_every_steps == 0 and step < self.plan.total_steps:
-                self._checkpoint()
+            if step % config.output.checkpoint_every_steps == 0 and step < plan.total_steps:
+                self.save_checkpoint()
             # Ranks agree on stopping at log steps only: no host sync on every step.
-            if step % self.log_every == 0 and any_rank(stop_requested(), ranks.device):
+            if step % self.log_every == 0 and any_rank(self.stop_requested(), ranks.device):
                 logger.info("stop requested at step %d: saving a checkpoint before exiting", step)
-                self._checkpoint()
+                self.save_checkpoint()
                 self._record_finished_checkpoint(wait=True)
                 return "stopped"
         self._record_finished_checkpoint(wait=True)
@@ -418,7 +255,7 @@ class _Loop:
     def _log(self, loss_sum: torch.Tensor, tokens: torch.Tensor, seconds: float, steps: int) -> None:
         totals = torch.stack([loss_sum, tokens])
         dist.all_reduce(totals)
-        micro_steps = steps * self.config.hyperparameters.gradient_accumulation_steps * self.ranks.world_size
+        micro_steps = steps * self.hp.gradient_accumulation_steps * self.ranks.world_size
         train_loss = totals[0].item() / max(micro_steps, 1)
         tokens_per_second = totals[1].item() / max(seconds, 1e-9)
         learning_rate = self.engine.lr_scheduler.get_last_lr()[0]
@@ -445,8 +282,8 @@ class _Loop:
         metrics = evaluate(
             self.engine,
             self.eval_examples,
-            self.collate,
-            self.config.hyperparameters.batch_size_per_device,
+            self._collate,
+            self.hp.batch_size_per_device,
             self.ranks.device,
             self.labels,
         )
@@ -461,22 +298,18 @@ class _Loop:
             state.evaluations_without_improvement = 0
             return False
         state.evaluations_without_improvement += 1
-        patience = self.config.hyperparameters.early_stopping_patience
+        patience = self.hp.early_stopping_patience
         if patience is not None and state.evaluations_without_improvement >= patience:
             logger.info("early stopping at step %d: no improvement in %d evaluations", state.step, patience)
             return True
         return False
 
-    def _checkpoint(self) -> None:
-        client_state = {
-            "step": self.state.step,
-            "best_eval_loss": self.state.best_eval_loss,
-            "evaluations_without_improvement": self.state.evaluations_without_improvement,
-            "history": self.history.entries,
-        }
-        assert client_state.keys() == LoopState.__dataclass_fields__.keys()
+    # --- checkpoints and outputs ------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Saves the engine with the loop state as its client state; the upload runs in the background."""
         metrics = {"evalLoss": self.last_eval["evalLoss"]} if "evalLoss" in self.last_eval else {}
-        waited = self.checkpointer.save(self.engine, self.state.step, client_state, metrics)
+        waited = self.checkpointer.save(self.engine, self.state.step, self.state.client_state(), metrics)
         if self.ranks.rank == 0:
             logger.info(
                 "checkpoint step-%d saved locally in %.2fs; uploading in the background",
@@ -495,3 +328,33 @@ class _Loop:
         if train_loss is not None:
             final["trainLoss"] = train_loss
         return final | self.last_eval
+
+    def save_outputs(self, final_metrics: dict[str, float]) -> str:
+        """Writes the model, its metrics and its card to the output URI; returns the model's URI."""
+        return write_outputs(
+            self.config,
+            self.store,
+            self.engine,
+            self.tokenizer,
+            self.workspace / "output",
+            self.ranks.rank,
+            final_metrics,
+            self.state.history,
+        )
+
+    def cleanup(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def run(config: TrainerConfig, stop_requested: Callable[[], bool]) -> RunResult:
+    """Every rank runs this: the recipe from setup to outputs; the server stops whatever happens."""
+    recipe = FinetuneRecipe(config, stop_requested)
+    try:
+        recipe.setup()
+        outcome = recipe.train()
+        final_metrics = recipe.final_metrics()
+        output_model = recipe.save_outputs(final_metrics) if outcome == "succeeded" else ""
+        return RunResult(outcome, recipe.state.step, final_metrics, output_model)
+    finally:
+        recipe.cleanup()

@@ -1,4 +1,10 @@
-"""The trainer's only door to S3 and S3-compatible stores (MinIO, Ceph): models, datasets, checkpoints.
+"""The trainer's only door to its store: models, datasets, checkpoints, outputs.
+
+:class:`ObjectStore` is what the trainer needs of a store, and :meth:`ObjectStore.from_config` picks
+one of two: :class:`S3Store` (S3 and S3-compatible stores: MinIO, Ceph) for pods, or
+:class:`FolderStore` (``s3://bucket/key`` is the file ``DIR/bucket/key``) for ``finetune run --store
+DIR``. Both take ``s3://`` URIs, so a job's spec, its checkpoint layout and its outputs are the same
+on a cluster and on a laptop.
 
 Credentials never pass through here: boto3's default chain finds them in the environment (the job's
 credentials Secret) or through workload identity (IRSA / web identity). Every failure surfaces as a
@@ -10,12 +16,16 @@ torch nor anything else heavy: the launcher and tests use it too.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Iterator
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -24,8 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.futures import TransferFuture
 
-if TYPE_CHECKING:
-    from finetune_trainer.config import StorageConfig
+from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
 
 MIB = 1024 * 1024
 HASH_CHUNK_BYTES = MIB
@@ -140,7 +149,58 @@ def _wait(transfer: TransferFuture, uri: str) -> None:
         raise _translate(error, uri) from error
 
 
-class ObjectStore:
+def _refuse_bucket_root(uri: str) -> None:
+    """One wrong join must not empty a bucket of other jobs' models."""
+    bucket, key = parse_s3_uri(uri)
+    if not key.strip("/"):
+        raise ValueError(f"refusing to delete every object in bucket {bucket!r} ({uri})")
+
+
+class ObjectStore(ABC):
+    """What the trainer needs of a store, in ``s3://`` URIs; a missing object is ObjectNotFoundError.
+
+    Listings are in key order, skip "directory" markers (keys ending in ``/``) and read a prefix as a
+    directory: ``s3://b/model`` lists ``model/...``, never ``model-v2/...``.
+    """
+
+    @staticmethod
+    def from_config(storage: S3StorageConfig | FolderStorageConfig) -> ObjectStore:
+        """The store the worker contract names: the one place the trainer picks an implementation."""
+        if isinstance(storage, FolderStorageConfig):
+            return FolderStore(Path(storage.root))
+        return S3Store(endpoint=storage.endpoint, region=storage.region)
+
+    @abstractmethod
+    def get_bytes(self, uri: str) -> bytes: ...
+
+    @abstractmethod
+    def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    @abstractmethod
+    def download_file(self, uri: str, destination: Path) -> Path: ...
+
+    @abstractmethod
+    def download_prefix(self, uri: str, destination: Path) -> list[StoredFile]:
+        """Every object under the prefix into ``destination``, keeping relative paths, with sha256."""
+
+    @abstractmethod
+    def upload_directory(self, source: Path, uri: str) -> list[StoredFile]:
+        """Every file under ``source`` to the prefix, keeping relative paths; returns what was sent."""
+
+    @abstractmethod
+    def list_files(self, uri: str) -> list[StoredFile]:
+        """Objects under a prefix (no directory markers), relative to it; sha256 is unknown ("")."""
+
+    @abstractmethod
+    def list_subprefixes(self, uri: str) -> list[str]:
+        """The immediate "sub-directories" of a prefix, as ``s3://bucket/prefix/name/`` URIs."""
+
+    @abstractmethod
+    def delete_prefix(self, uri: str) -> int:
+        """Deletes every object under the prefix; returns how many there were. Never a bucket's root."""
+
+
+class S3Store(ObjectStore):
     """One S3 client and a boto3 ``TransferConfig`` shared by every transfer of a process.
 
     Transfers go through boto3's classic (thread-based) transfer manager: objects at or above
@@ -188,29 +248,6 @@ class ObjectStore:
             preferred_transfer_client="classic",
         )
 
-    @classmethod
-    def from_config(cls, storage: StorageConfig) -> ObjectStore:
-        return cls(endpoint=storage.endpoint, region=storage.region)
-
-    def exists(self, uri: str) -> bool:
-        """True for an object at ``uri`` or for a prefix with at least one object under it."""
-        bucket, key = parse_s3_uri(uri)
-        try:
-            if key and not key.endswith("/"):
-                try:
-                    self._client.head_object(Bucket=bucket, Key=key)
-                    return True
-                except ClientError as error:
-                    if not isinstance(_translate(error, uri), ObjectNotFoundError):
-                        raise
-            listing = self._client.list_objects_v2(Bucket=bucket, Prefix=_as_directory(key), MaxKeys=1)
-            return listing.get("KeyCount", 0) > 0
-        except _STORAGE_ERRORS as error:
-            translated = _translate(error, uri)
-            if isinstance(translated, ObjectNotFoundError):
-                return False
-            raise translated from error
-
     def get_bytes(self, uri: str) -> bytes:
         bucket, key = parse_s3_uri(uri)
         try:
@@ -231,7 +268,6 @@ class ObjectStore:
         return destination
 
     def download_prefix(self, uri: str, destination: Path) -> list[StoredFile]:
-        """Every object under the prefix into ``destination``, keeping relative paths; markers skipped."""
         bucket, key = parse_s3_uri(uri)
         prefix = _as_directory(key)
         jobs = []
@@ -242,12 +278,7 @@ class ObjectStore:
             raise ObjectNotFoundError(f"{uri} does not exist (no objects under it)", uri=uri)
         return self._download(bucket, jobs)
 
-    def upload_file(self, source: Path, uri: str) -> StoredFile:
-        bucket, key = parse_s3_uri(uri)
-        return self._upload(bucket, [(source, PurePosixPath(source.name), key)])[0]
-
     def upload_directory(self, source: Path, uri: str) -> list[StoredFile]:
-        """Every file under ``source`` to the prefix, keeping relative paths; returns what was sent."""
         if not source.is_dir():
             raise NotADirectoryError(f"{source} is not a directory")
         bucket, key = parse_s3_uri(uri)
@@ -260,7 +291,6 @@ class ObjectStore:
         return self._upload(bucket, jobs)
 
     def list_files(self, uri: str) -> list[StoredFile]:
-        """Objects under a prefix (no directory markers), relative to it; sha256 is unknown ("")."""
         bucket, key = parse_s3_uri(uri)
         prefix = _as_directory(key)
         return [
@@ -269,19 +299,14 @@ class ObjectStore:
         ]
 
     def list_subprefixes(self, uri: str) -> list[str]:
-        """The immediate "sub-directories" of a prefix, as ``s3://bucket/prefix/name/`` URIs."""
         bucket, key = parse_s3_uri(uri)
         pages = self._pages(bucket, _as_directory(key), uri, Delimiter="/")
         return [_uri(bucket, common["Prefix"]) for page in pages for common in page.get("CommonPrefixes", [])]
 
     def delete_prefix(self, uri: str) -> int:
-        """Deletes every object under the prefix, markers included; returns how many there were.
-
-        A bucket's root is refused: one wrong join must not empty a bucket of other jobs' models.
-        """
+        """Directory markers included."""
+        _refuse_bucket_root(uri)
         bucket, key = parse_s3_uri(uri)
-        if not key.strip("/"):
-            raise ValueError(f"refusing to delete every object in bucket {bucket!r} ({uri})")
         # Listed in full before deleting: some stores' continuation tokens shift when keys vanish.
         keys = [
             obj["Key"]
@@ -348,3 +373,179 @@ class ObjectStore:
         return [
             StoredFile(str(relative), *d.result()) for (_, relative, _), d in zip(jobs, digests, strict=True)
         ]
+
+
+# A write fills a hidden file beside its target, then one rename publishes it; listings skip these.
+PARTIAL_PREFIX = ".finetune-store-"
+PARTIAL_SUFFIX = ".partial"
+_Filled = TypeVar("_Filled")
+
+
+def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
+    """Copies a file and hashes it in the same pass: one read of a 10 GB shard, not two."""
+    sha = hashlib.sha256()
+    size = 0
+    with source.open("rb") as reader, target.open("wb") as writer:
+        while chunk := reader.read(HASH_CHUNK_BYTES):
+            sha.update(chunk)
+            writer.write(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link costs nothing for a 10 GB model; another filesystem needs a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _publish(uri: str, target: Path, fill: Callable[[Path], _Filled]) -> _Filled:
+    """Fills a hidden file beside ``target`` and renames it over ``target`` (os.replace is atomic):
+    readers see the old file or the new one, never a part, and a crash leaves no half object."""
+    partial = target.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            filled = fill(partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
+        raise StorageError(
+            f"{uri} cannot be written to {target}: a file and a folder would share a path", uri=uri
+        ) from error
+    except OSError as error:
+        raise StorageError(f"writing {uri} to {target} failed: {error.strerror or error}", uri=uri) from error
+    return filled
+
+
+class FolderStore(ObjectStore):
+    """``s3://bucket/key`` is the file ``root/bucket/key``: ``finetune run --store DIR``, with no server.
+
+    No library is needed: a folder already is a store of named files, and the standard library has
+    each operation S3 offers here (os.replace for atomic writes, os.link for free downloads, os.walk
+    for listings). It keeps S3Store's contract, so the checkpointer works unchanged on it: a bucket is
+    a top-level folder that must exist, listings are in key order and never show empty folders, and
+    a write becomes visible whole or not at all, so a reader never sees half a manifest. Downloads
+    are hard links where possible: store files are only ever replaced, never rewritten, so a link
+    never changes under the trainer. Uploads are copies, since the trainer may rewrite its own files.
+    A key that would lead out of the folder (``..``, an absolute key, a symlink pointing out) is an
+    AccessDeniedError naming the URI.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        if not self.root.is_dir():
+            raise ObjectNotFoundError(f"the store folder {root} does not exist or is not a folder")
+
+    def get_bytes(self, uri: str) -> bytes:
+        path = self._existing_file(uri)
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise StorageError(
+                f"reading {uri} from {path} failed: {error.strerror or error}", uri=uri
+            ) from error
+
+    def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """``content_type`` is S3 metadata that a file has no place for; readers go by the name."""
+        _publish(uri, self._locate(uri), lambda partial: partial.write_bytes(data))
+
+    def download_file(self, uri: str, destination: Path) -> Path:
+        source = self._existing_file(uri)
+        _publish(uri, destination, lambda partial: _link_or_copy(source, partial))
+        return destination
+
+    def download_prefix(self, uri: str, destination: Path) -> list[StoredFile]:
+        objects = self._objects(uri)
+        if not objects:
+            raise ObjectNotFoundError(f"{uri} does not exist (no objects under it)", uri=uri)
+        downloaded = []
+        for relative, source in objects:
+            target = destination.joinpath(relative)
+            _publish(uri, target, lambda partial, source=source: _link_or_copy(source, partial))
+            downloaded.append(StoredFile(relative, *_digest(target)))
+        return downloaded
+
+    def upload_directory(self, source: Path, uri: str) -> list[StoredFile]:
+        if not source.is_dir():
+            raise NotADirectoryError(f"{source} is not a directory")
+        directory = self._locate(uri)
+        uploaded = []
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(source).as_posix()
+                size, sha256 = _publish(
+                    uri, directory / relative, lambda partial, path=path: _copy_hashing(path, partial)
+                )
+                uploaded.append(StoredFile(relative, size, sha256))
+        return uploaded
+
+    def list_files(self, uri: str) -> list[StoredFile]:
+        return [StoredFile(relative, path.stat().st_size, "") for relative, path in self._objects(uri)]
+
+    def list_subprefixes(self, uri: str) -> list[str]:
+        """As S3 with a ``/`` delimiter: the folders holding at least one file, in key order."""
+        bucket, key = parse_s3_uri(uri)
+        names = {relative.split("/")[0] + "/" for relative, _ in self._objects(uri) if "/" in relative}
+        return [_uri(bucket, _as_directory(key) + name) for name in sorted(names)]
+
+    def delete_prefix(self, uri: str) -> int:
+        """Removes the prefix's folder, emptied sub-folders included (S3 has no empty folders either)."""
+        _refuse_bucket_root(uri)
+        count = len(self._objects(uri))
+        directory = self._locate(uri)
+        if directory.is_dir():
+            shutil.rmtree(directory)
+        return count
+
+    def _locate(self, uri: str) -> Path:
+        """The file or folder of a URI in an existing bucket; refuses anything leading out of the root."""
+        bucket, key = parse_s3_uri(uri)
+        segments = [bucket, *key.removesuffix("/").split("/")] if key else [bucket]
+        if any(segment in ("", ".", "..") or "\0" in segment for segment in segments):
+            raise AccessDeniedError(
+                f"access to {uri} denied: its key is not a plain relative path inside the store folder "
+                f"{self.root} (no '..', '.', empty or absolute parts)",
+                uri=uri,
+            )
+        path = self.root.joinpath(*segments)
+        self._refuse_outside(path, uri)
+        if not (self.root / bucket).is_dir():
+            raise ObjectNotFoundError(
+                f"{uri} does not exist (no bucket {bucket!r}: no folder {self.root / bucket})", uri=uri
+            )
+        return path
+
+    def _refuse_outside(self, path: Path, uri: str) -> None:
+        """Symlinks may point anywhere: what a path resolves to must still be inside the root."""
+        if not path.resolve().is_relative_to(self.root):
+            raise AccessDeniedError(
+                f"access to {uri} denied: {path} resolves outside the store folder {self.root}", uri=uri
+            )
+
+    def _existing_file(self, uri: str) -> Path:
+        path = self._locate(uri)
+        if not path.is_file():
+            raise ObjectNotFoundError(f"{uri} does not exist", uri=uri)
+        return path
+
+    def _objects(self, uri: str) -> list[tuple[str, Path]]:
+        """(key relative to the prefix, file) for every file under it, in S3's key order."""
+        bucket, key = parse_s3_uri(uri)
+        directory = self._locate(uri)
+        if not directory.is_dir():
+            return []
+        found = []
+        for folder, _, names in os.walk(directory):
+            for name in names:
+                if name.startswith(PARTIAL_PREFIX) and name.endswith(PARTIAL_SUFFIX):
+                    continue
+                path = Path(folder, name)
+                relative = path.relative_to(directory).as_posix()
+                self._refuse_outside(path, _uri(bucket, _as_directory(key) + relative))
+                found.append((relative, path))
+        # Python orders strings by code point, which is S3's order (UTF-8 bytes) for the same keys.
+        return sorted(found)

@@ -21,7 +21,7 @@ from finetune_trainer.config import (
     ModelSource,
     OutputConfig,
     ReportingConfig,
-    StorageConfig,
+    S3StorageConfig,
     TrainerConfig,
 )
 
@@ -95,7 +95,7 @@ def resolve_trainer_config(
             processes_per_node=max(spec.resources.gpus_per_node, 1),
             uses_gpus=spec.resources.gpus_per_node > 0,
         ),
-        storage=StorageConfig(endpoint=spec.storage.endpoint or None, region=spec.storage.region or None),
+        storage=S3StorageConfig(endpoint=spec.storage.endpoint or None, region=spec.storage.region or None),
         output=OutputConfig(
             uri=spec.output.uri,
             checkpoint_every_steps=spec.output.checkpoint_every_steps,

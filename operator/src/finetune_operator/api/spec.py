@@ -541,6 +541,11 @@ class FinetuneJobStatus(StatusModel):
     output_model: str = Field(default="", description="S3 location of the fine-tuned model once Succeeded.")
     message: str = Field(default="", description="Why the job is in its phase, for people.")
 
+    def to_api(self) -> dict[str, Any]:
+        """The status as the API stores it: camelCase, only the fields read or set, None as absent (a
+        default never written stays unwritten, so a status read back compares equal to the one sent)."""
+        return self.model_dump(by_alias=True, exclude_unset=True, exclude_none=True)
+
 
 class ObjectMeta(BaseModel):
     """The parts of metadata a manifest sets; the API server validates the rest itself."""

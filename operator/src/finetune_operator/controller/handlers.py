@@ -18,8 +18,9 @@ import kopf
 
 from finetune_operator import GROUP, PLURAL, VERSION
 from finetune_operator.api.naming import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
+from finetune_operator.controller.observation import PodObservation, observe_pod
 from finetune_operator.controller.reconciler import JobKey, Reconciler
-from finetune_operator.controller.state import Event, PodObservation, observe_pod
+from finetune_operator.controller.state import Event
 
 registry = kopf.OperatorRegistry()
 WORKER_LABELS = {LABEL_JOB: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY}

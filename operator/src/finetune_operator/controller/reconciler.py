@@ -1,12 +1,14 @@
 """Carries out the state machine's decisions for one job: observe, decide, act.
 
 This is the only place where the pure parts (validation, ``state.decide``, ``manifests``) meet the
-Kubernetes API (``kube.py``). It remembers three things between passes, all only as caches: the
+Kubernetes API (``kube.py``). It remembers four things between passes, all only as caches: the
 status it last wrote (the watch may not have delivered it back yet, and acting on an older status
-would count one failure twice), the parsed spec per generation, and the gang it has just created
+would count one failure twice), the parsed spec per generation, the gang it has just created
 until the pod index shows it (the index lags the creates by a watch event, and the next pass, woken
 by the status patch, would otherwise create the whole gang again, to four 409s: controller-runtime's
-"expectations").
+"expectations"), and which jobs' last pass failed on an API call (``decide`` clears ReconcileError
+only after a pass that went through; clearing it optimistically in every pass would patch the status
+twice a pass while the error lasts, and each patch wakes the job again).
 """
 
 from __future__ import annotations
@@ -17,20 +19,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.spec import FinetuneJob, FinetuneJobStatus
+from finetune_operator.api.timestamps import parse_time
 from finetune_operator.api.validation import validate_object
 from finetune_operator.controller.kube import KubeApi, KubeApiError
 from finetune_operator.controller.manifests import WorkerSettings, build_gang
 from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.observation import PodObservation
 from finetune_operator.controller.progress import ProgressPoller
-from finetune_operator.controller.state import (
-    Decision,
-    Event,
-    JobObservation,
-    PodObservation,
-    decide,
-    set_condition,
-)
+from finetune_operator.controller.state import Decision, Event, JobObservation, decide, record_error
 
 JobKey = tuple[str, str]
 EventPoster = Callable[[Mapping[str, Any], Event], None]
@@ -40,13 +37,6 @@ RETRY_AFTER_ERROR_SECONDS = 15.0
 CREATION_EXPECTED_WITHIN_SECONDS = 30.0
 
 logger = logging.getLogger(__name__)
-
-
-def _created(body: Mapping[str, Any]) -> datetime:
-    text = body.get("metadata", {}).get("creationTimestamp")
-    if not text:
-        return datetime.now(UTC)
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 class Reconciler:
@@ -63,15 +53,17 @@ class Reconciler:
         self.metrics = metrics
         self.post_event = post_event
         self.poller = poller or ProgressPoller()
-        self._written_status: dict[JobKey, dict[str, Any]] = {}
+        self._written_status: dict[JobKey, FinetuneJobStatus] = {}
         self._parsed: dict[JobKey, tuple[int, FinetuneJob | None, tuple[str, ...]]] = {}
         self._creating: dict[JobKey, tuple[int, datetime]] = {}  # attempt created, and when
+        self._failing: set[JobKey] = set()  # jobs whose last pass failed on an API call
 
     def forget(self, key: JobKey) -> None:
         """Drops what was remembered of a deleted job."""
         self._written_status.pop(key, None)
         self._parsed.pop(key, None)
         self._creating.pop(key, None)
+        self._failing.discard(key)
         self.metrics.forget(key)
         self.poller.forget(key)
 
@@ -90,15 +82,16 @@ class Reconciler:
         metadata = body.get("metadata", {})
         key = (metadata["namespace"], metadata["name"])
         job, reasons = self._parse(key, body)
-        status = self._written_status.get(key) or dict(body.get("status") or {})
+        status = self._written_status.get(key) or FinetuneJobStatus.model_validate(body.get("status") or {})
         return JobObservation(
             name=metadata["name"],
             namespace=metadata["namespace"],
             generation=int(metadata.get("generation") or 0),
-            created=_created(body),
+            created=parse_time(metadata.get("creationTimestamp")) or datetime.now(UTC),
             job=job,
             invalid_reasons=reasons,
             status=status,
+            previous_pass_failed=key in self._failing,
         )
 
     async def reconcile(
@@ -111,22 +104,23 @@ class Reconciler:
         pods = list(pods)
         rank_zero = self._rank_zero(observed, pods)
         if rank_zero is not None:
-            observed = replace(observed, progress=await self.poller.fetch(key, rank_zero.ip))
+            progress = await self.poller.fetch(key, rank_zero.ip)
+            observed = replace(observed, progress=progress, progress_poll_seconds=self.poller.interval)
         decision = decide(observed, pods, now)
         if decision.create_attempt is None:
             self._creating.pop(key, None)  # the gang is all there, or none is wanted
         elif self._still_arriving(key, decision.create_attempt, now):
             decision = replace(decision, create_attempt=None)
-        if rank_zero is not None and decision.status.get("phase") in ("Initializing", "Running"):
-            decision.requeue_after = min(decision.requeue_after or self.poller.interval, self.poller.interval)
         try:
             await self._apply(body, observed, decision)
         except KubeApiError as error:
-            await self._record_error(body, observed, decision, error, now)
+            self._failing.add(key)
+            await self._record_error(body, observed, error, now)
             return RETRY_AFTER_ERROR_SECONDS
+        self._failing.discard(key)
         if decision.create_attempt is not None:
             self._creating[key] = (decision.create_attempt, now)
-        self.metrics.phases[key] = decision.status.get("phase") or "Pending"
+        self.metrics.phases[key] = decision.status.phase or "Pending"
         if decision.gang_restarted:
             self.metrics.gang_restarts.labels(observed.namespace).inc()
         if decision.all_workers_running_first_time:
@@ -150,9 +144,9 @@ class Reconciler:
     @staticmethod
     def _rank_zero(observed: JobObservation, pods: list[PodObservation]) -> PodObservation | None:
         """Worker 0 of the current attempt, when it runs and has an address to poll."""
-        if observed.job is None or observed.status.get("phase") in ("Succeeded", "Failed", "Suspended"):
+        if observed.job is None or observed.status.phase in ("Succeeded", "Failed", "Suspended"):
             return None
-        attempt = int(observed.status.get("restarts") or 0)
+        attempt = observed.status.restarts
         return next(
             (p for p in pods if p.node_rank == 0 and p.attempt == attempt and p.phase == "Running" and p.ip),
             None,
@@ -160,8 +154,7 @@ class Reconciler:
 
     async def _apply(self, body: Mapping[str, Any], observed: JobObservation, decision: Decision) -> None:
         """Status first: a pass that dies half-way leaves a status the next pass can act on."""
-        status = decision.status
-        await self._write_status(observed, status)
+        await self._write_status(observed, decision.status)
         for name in decision.delete_pods:
             await self.api.delete_pod(observed.namespace, name)
         if decision.delete_children:
@@ -170,53 +163,32 @@ class Reconciler:
             uid = body.get("metadata", {}).get("uid", "")
             for child in build_gang(observed.job, uid, decision.create_attempt, self.settings):
                 await self.api.create(child)
-        if any(c.get("type") == "ReconcileError" and c.get("status") == "True" for c in status["conditions"]):
-            recovered = set_condition(
-                status["conditions"],
-                "ReconcileError",
-                False,
-                "Recovered",
-                "",
-                datetime.now(UTC),
-                observed.generation,
-            )
-            written = self._written_status.get((observed.namespace, observed.name), status)
-            await self._write_status(replace(observed, status=written), {**status, "conditions": recovered})
 
-    async def _write_status(self, observed: JobObservation, status: dict[str, Any]) -> None:
-        """Patches only when something changed; keys that became None are removed."""
-        present = {k: v for k, v in status.items() if v is not None}
-        if present == observed.status:
+    async def _write_status(self, observed: JobObservation, status: FinetuneJobStatus) -> None:
+        """Patches only when something changed since the status last stored; keys that became None or
+        unset are removed."""
+        key = (observed.namespace, observed.name)
+        stored = self._written_status.get(key, observed.status).to_api()
+        present = status.to_api()
+        if present == stored:
             return
-        removed = {k: None for k in observed.status if k not in present}
+        removed = {k: None for k in stored if k not in present}
         await self.api.patch_status(observed.namespace, observed.name, {**present, **removed})
-        self._written_status[(observed.namespace, observed.name)] = present
+        self._written_status[key] = status
 
     async def _record_error(
-        self,
-        body: Mapping[str, Any],
-        observed: JobObservation,
-        decision: Decision,
-        error: KubeApiError,
-        now: datetime,
+        self, body: Mapping[str, Any], observed: JobObservation, error: KubeApiError, now: datetime
     ) -> None:
         """The operator's own failures go into a condition and an event, not only into its log."""
         self.metrics.reconcile_errors.labels(error.reason).inc()
         message = f"the operator could not act on the job: {error}"
         logger.warning("%s/%s: %s", observed.namespace, observed.name, message)
         self.post_event(body, Event("Warning", "ReconcileError", message))
-        known = self._written_status.get((observed.namespace, observed.name)) or observed.status
-        conditions = set_condition(
-            list(known.get("conditions") or []),
-            "ReconcileError",
-            True,
-            error.reason,
-            message,
-            now,
-            observed.generation,
-        )
+        known = self._written_status.get((observed.namespace, observed.name), observed.status)
         try:
-            await self._write_status(observed, {**known, "conditions": conditions})
+            await self._write_status(
+                observed, record_error(known, error.reason, message, now, observed.generation)
+            )
         except KubeApiError as again:
             logger.warning(
                 "%s/%s: cannot record the error in status: %s", observed.namespace, observed.name, again

@@ -2,92 +2,25 @@
 
 ``decide`` never remembers anything between calls: everything it needs is in the job (its spec and
 the status the operator wrote) and in the pods it observes, so a restarted operator or a missed
-event converges to the same answer. ``reconciler.py`` feeds it and carries its actions out.
+event converges to the same answer. ``reconciler.py`` feeds it and carries its actions out as they
+are: the decision is complete, status included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, parse_termination_message
 
-from finetune_operator.api.naming import LABEL_ATTEMPT, LABEL_NODE_RANK
-from finetune_operator.api.spec import FinetuneJob
+from finetune_operator.api.spec import Condition, FinetuneJob, FinetuneJobStatus, Phase, WorkersStatus
+from finetune_operator.api.timestamps import format_time, parse_time
+from finetune_operator.controller.observation import PodObservation, progress_status
 
-TERMINAL_PHASES = ("Succeeded", "Failed")
-# Waiting reasons that keep a pod from starting until someone fixes something; shown as Pending.
-BLOCKED_WAITING_REASONS = (
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-)
-
-
-@dataclass(frozen=True)
-class PodObservation:
-    """What the state machine needs to know about one worker pod."""
-
-    name: str
-    node_rank: int
-    attempt: int
-    phase: str = "Pending"
-    deleting: bool = False
-    started: bool = False
-    ready: bool = False
-    exit_code: int | None = None
-    finished_at: str = ""
-    reason: str = ""
-    message: str = ""
-    termination_message: str = ""
-    unschedulable: str = ""
-    waiting: str = ""
-    ip: str = ""
-
-
-def observe_pod(pod: dict[str, Any]) -> PodObservation:
-    """Reads a worker pod's body into a PodObservation."""
-    metadata = pod.get("metadata", {})
-    labels = metadata.get("labels", {})
-    status = pod.get("status", {}) or {}
-    container = next(iter(status.get("containerStatuses") or []), {})
-    state = container.get("state", {}) or {}
-    terminated = state.get("terminated") or {}
-    waiting = state.get("waiting") or {}
-    unschedulable = ""
-    ready = False
-    for condition in status.get("conditions") or []:
-        if (condition.get("type"), condition.get("status"), condition.get("reason")) == (
-            "PodScheduled",
-            "False",
-            "Unschedulable",
-        ):
-            unschedulable = condition.get("message", "") or "no node fits the pod"
-        if condition.get("type") == "Ready":
-            ready = condition.get("status") == "True"
-    waiting_reason = waiting.get("reason", "")
-    return PodObservation(
-        name=metadata.get("name", ""),
-        node_rank=int(labels.get(LABEL_NODE_RANK, "0")),
-        attempt=int(labels.get(LABEL_ATTEMPT, "0")),
-        phase=status.get("phase", "Pending"),
-        deleting=bool(metadata.get("deletionTimestamp")),
-        started="running" in state or "terminated" in state,
-        ready=ready,
-        exit_code=terminated.get("exitCode"),
-        finished_at=terminated.get("finishedAt") or "",
-        reason=terminated.get("reason") or status.get("reason", ""),
-        message=status.get("message", ""),
-        termination_message=terminated.get("message", ""),
-        unschedulable=unschedulable,
-        waiting=f"{waiting_reason}: {waiting.get('message', '')}".rstrip(": ")
-        if waiting_reason in BLOCKED_WAITING_REASONS
-        else "",
-        ip=status.get("podIP", ""),
-    )
+TERMINAL_PHASES: tuple[Phase, ...] = ("Succeeded", "Failed")
+# Phases in which rank 0 reports progress, so the job is looked at again every poll interval.
+REPORTING_PHASES: tuple[Phase, ...] = ("Initializing", "Running")
 
 
 @dataclass(frozen=True)
@@ -100,9 +33,13 @@ class JobObservation:
     created: datetime
     job: FinetuneJob | None
     invalid_reasons: tuple[str, ...] = ()
-    status: dict[str, Any] = field(default_factory=dict)
+    status: FinetuneJobStatus = field(default_factory=FinetuneJobStatus)
     # The newest /progress document of global rank 0, when the operator could read one.
     progress: dict[str, Any] | None = None
+    # While rank 0 runs: how often its /progress is read, the longest the job may wait for a look.
+    progress_poll_seconds: float | None = None
+    # The reconciler's previous pass failed on an API call (its ReconcileError is still current).
+    previous_pass_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,7 +53,7 @@ class Event:
 class Decision:
     """What to do now; the reconciler applies it in this order: status, deletions, creation, events."""
 
-    status: dict[str, Any]
+    status: FinetuneJobStatus
     create_attempt: int | None = None
     delete_pods: list[str] = field(default_factory=list)
     # The Service and ConfigMap (pods are named in delete_pods).
@@ -127,67 +64,43 @@ class Decision:
     all_workers_running_first_time: bool = False
 
 
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 def set_condition(
-    conditions: list[dict[str, Any]],
+    conditions: list[Condition],
     type_: str,
     status: bool,
     reason: str,
     message: str,
     now: datetime,
     generation: int,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Conditions with one updated; lastTransitionTime moves only when the status flips."""
     value = "True" if status else "False"
-    previous = next((c for c in conditions if c.get("type") == type_), None)
-    transition = (
-        previous["lastTransitionTime"] if previous and previous.get("status") == value else _timestamp(now)
+    previous = next((c for c in conditions if c.type == type_), None)
+    transition = previous.last_transition_time if previous and previous.status == value else format_time(now)
+    updated = Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=transition,
+        observed_generation=generation,
     )
-    updated = {
-        "type": type_,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": transition,
-        "observedGeneration": generation,
-    }
-    return [c for c in conditions if c.get("type") != type_] + [updated]
+    return [c for c in conditions if c.type != type_] + [updated]
 
 
-# Checkpoints listed in status: the newest few are what people act on.
-STATUS_CHECKPOINTS = 10
+def _condition_true(status: FinetuneJobStatus, type_: str) -> bool:
+    return any(c.type == type_ and c.status == "True" for c in status.conditions)
 
 
-def progress_status(document: dict[str, Any]) -> dict[str, Any]:
-    """status.progress, status.metrics and status.checkpoints from rank 0's /progress document."""
-    step, total = int(document.get("step") or 0), int(document.get("totalSteps") or 0)
-    progress: dict[str, Any] = {
-        "step": step,
-        "totalSteps": total,
-        "epoch": round(float(document.get("epoch") or 0.0), 3),
-        "percent": min(100, step * 100 // total) if total else 0,
-    }
-    if document.get("etaSeconds") is not None:
-        progress["etaSeconds"] = int(document["etaSeconds"])
-    if document.get("tokensPerSecond") is not None:
-        progress["tokensPerSecond"] = round(float(document["tokensPerSecond"]), 1)
-    metrics = {k: round(float(v), 4) for k, v in (document.get("evalMetrics") or {}).items()}
-    if document.get("trainLoss") is not None:
-        metrics["trainLoss"] = round(float(document["trainLoss"]), 4)
-    checkpoints = [
-        {k: c[k] for k in ("step", "uri", "evalLoss", "time") if c.get(k) is not None}
-        for c in (document.get("checkpoints") or [])[-STATUS_CHECKPOINTS:]
-    ]
-    return {"progress": progress, "metrics": metrics, "checkpoints": checkpoints}
+def record_error(
+    status: FinetuneJobStatus, reason: str, message: str, now: datetime, generation: int
+) -> FinetuneJobStatus:
+    """The status with ReconcileError=True: the operator's own failures shown where users look.
+
+    Only the reconciler sees an API call fail, so it calls this; ``decide`` clears the condition
+    again after a pass that went through."""
+    conditions = set_condition(status.conditions, "ReconcileError", True, reason, message, now, generation)
+    return status.model_copy(update={"conditions": conditions})
 
 
 def _failure_description(pod: PodObservation) -> tuple[str, str]:
@@ -216,31 +129,35 @@ class _Builder:
     def __init__(self, observed: JobObservation, now: datetime) -> None:
         self.observed = observed
         self.now = now
-        self.status: dict[str, Any] = {
-            "phase": None,
-            "restarts": 0,
-            "conditions": [],
-            "message": "",
-            **observed.status,
-            "observedGeneration": observed.generation,
-        }
+        known = observed.status
+        # Copied, never changed in place: the observed status may be the reconciler's cache. The
+        # fields set here are in every status written, as before the status was typed.
+        self.status = known.model_copy(
+            update={
+                "phase": known.phase,
+                "restarts": known.restarts,
+                "conditions": known.conditions,
+                "message": known.message,
+                "observed_generation": observed.generation,
+            }
+        )
         self.decision = Decision(status=self.status)
 
     @property
-    def phase(self) -> str | None:
-        return self.status.get("phase")
+    def phase(self) -> Phase | None:
+        return self.status.phase
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
-        self.status["conditions"] = set_condition(
-            self.status["conditions"], type_, status, reason, message, self.now, self.observed.generation
+        self.status.conditions = set_condition(
+            self.status.conditions, type_, status, reason, message, self.now, self.observed.generation
         )
 
-    def move_to(self, phase: str, message: str, reason: str | None = None, warning: bool = False) -> None:
+    def move_to(self, phase: Phase, message: str, reason: str | None = None, warning: bool = False) -> None:
         """Sets the phase and message; an Event records every change of phase."""
         if self.phase != phase:
             self.decision.events.append(Event("Warning" if warning else "Normal", reason or phase, message))
-        self.status["phase"] = phase
-        self.status["message"] = message
+        self.status.phase = phase
+        self.status.message = message
         self.condition("Running", phase == "Running", reason or phase, message)
 
     def fail(self, reason: str, message: str) -> None:
@@ -249,8 +166,7 @@ class _Builder:
         self.finish()
 
     def finish(self) -> None:
-        self.status.setdefault("completionTime", None)
-        self.status["completionTime"] = self.status["completionTime"] or _timestamp(self.now)
+        self.status.completion_time = self.status.completion_time or format_time(self.now)
 
     def delete(self, pods: list[PodObservation]) -> None:
         self.decision.delete_pods += [p.name for p in pods if not p.deleting]
@@ -264,8 +180,8 @@ def _terminal(b: _Builder, pods: list[PodObservation], spec: FinetuneJob | None)
     """Finished jobs: stop leftover workers, then delete children after ttlSecondsAfterFinished."""
     b.stop(pods)
     ttl = spec.spec.run_policy.ttl_seconds_after_finished if spec else 0
-    finished = _parse_time(b.status.get("completionTime"))
-    cleaned = any(c.get("type") == "ChildrenDeleted" for c in b.status["conditions"])
+    finished = parse_time(b.status.completion_time)
+    cleaned = any(c.type == "ChildrenDeleted" for c in b.status.conditions)
     if ttl > 0 and finished is not None and not cleaned:
         due = finished + timedelta(seconds=ttl)
         if b.now >= due:
@@ -284,8 +200,19 @@ def _terminal(b: _Builder, pods: list[PodObservation], spec: FinetuneJob | None)
 def decide(observed: JobObservation, pods: list[PodObservation], now: datetime) -> Decision:
     """The next step for one job, from its spec, the status written so far and its worker pods."""
     b = _Builder(observed, now)
-    job = observed.job
+    decision = _next_step(b, pods)
+    # An error recorded by a pass before the last one is over: that pass went through.
+    if _condition_true(b.status, "ReconcileError") and not observed.previous_pass_failed:
+        b.condition("ReconcileError", False, "Recovered")
+    poll = observed.progress_poll_seconds
+    if poll is not None and b.phase in REPORTING_PHASES:
+        decision.requeue_after = min(decision.requeue_after or poll, poll)
+    return decision
 
+
+def _next_step(b: _Builder, pods: list[PodObservation]) -> Decision:
+    observed, now = b.observed, b.now
+    job = observed.job
     if job is None:
         if b.phase != "Failed":
             reasons = "; ".join(observed.invalid_reasons)
@@ -295,7 +222,7 @@ def decide(observed: JobObservation, pods: list[PodObservation], now: datetime) 
         return _terminal(b, pods, job)
 
     policy = job.spec.run_policy
-    attempt = int(b.status.get("restarts") or 0)
+    attempt = b.status.restarts
     current = [p for p in pods if p.attempt == attempt]
     stale = [p for p in pods if p.attempt != attempt]
 
@@ -305,18 +232,18 @@ def decide(observed: JobObservation, pods: list[PodObservation], now: datetime) 
             message = "suspended: workers deleted; checkpoints and outputs stay in S3"
             b.move_to("Suspended", message)
             b.condition("Suspended", True, "Suspended", message)
-            b.status["startTime"] = None  # the deadline counts again from the resume, as for a batch Job
-        b.status["workers"] = {"total": job.spec.resources.nodes, "ready": 0}
+            b.status.start_time = None  # the deadline counts again from the resume, as for a batch Job
+        b.status.workers = WorkersStatus(total=job.spec.resources.nodes, ready=0)
         return b.decision
     if b.phase == "Suspended":
         if pods:  # the suspended workers are still stopping: they must not look like failures
             b.delete(pods)
-            b.status["message"] = "resuming: waiting for the suspended workers to stop"
+            b.status.message = "resuming: waiting for the suspended workers to stop"
             return b.decision
         b.condition("Suspended", False, "Resumed", "resumed from the newest complete checkpoint")
         b.decision.events.append(Event("Normal", "Resumed", "resuming from the newest complete checkpoint"))
 
-    started_at = _parse_time(b.status.get("startTime"))
+    started_at = parse_time(b.status.start_time)
     if policy.active_deadline_seconds and started_at is not None:
         deadline = started_at + timedelta(seconds=policy.active_deadline_seconds)
         if now >= deadline:
@@ -330,7 +257,7 @@ def decide(observed: JobObservation, pods: list[PodObservation], now: datetime) 
 
     if stale:
         b.delete(stale)
-        b.move_to("Restarting", b.status.get("message") or "waiting for the previous workers to stop")
+        b.move_to("Restarting", b.status.message or "waiting for the previous workers to stop")
         return b.decision
 
     return _run_attempt(b, job, attempt, current)
@@ -340,8 +267,8 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
     nodes = job.spec.resources.nodes
     by_rank = {p.node_rank: p for p in current}
     started = [p for p in current if p.started]
-    previously_ready = (b.status.get("workers") or {}).get("ready", 0)
-    b.status["workers"] = {"total": nodes, "ready": sum(1 for p in current if p.phase == "Running")}
+    previously_ready = b.status.workers.ready if b.status.workers else 0
+    b.status.workers = WorkersStatus(total=nodes, ready=sum(1 for p in current if p.phase == "Running"))
 
     failed = [p for p in current if p.phase == "Failed" or (p.deleting and p.phase != "Succeeded")]
     lost = [rank for rank in range(nodes) if rank not in by_rank] if started else []
@@ -359,22 +286,19 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         b.move_to("Succeeded", "training finished")
         b.condition("Succeeded", True, "Succeeded", "every worker exited 0")
         if summary is not None:
-            b.status["outputModel"] = summary.output_model or b.status.get("outputModel", "")
+            b.status.output_model = summary.output_model or b.status.output_model
             if summary.metrics:
                 final = {k: round(v, 4) for k, v in summary.metrics.items()}
-                b.status["metrics"] = {**(b.status.get("metrics") or {}), **final}
-            if summary.step is not None and b.status.get("progress"):
-                b.status["progress"] = {
-                    **b.status["progress"],
-                    "step": summary.step,
-                    "percent": 100,
-                    "etaSeconds": 0,
-                }
+                b.status.metrics = {**b.status.metrics, **final}
+            if summary.step is not None and b.status.progress:
+                b.status.progress = b.status.progress.model_copy(
+                    update={"step": summary.step, "percent": 100, "eta_seconds": 0}
+                )
         b.finish()
         return b.decision
 
-    if started and not b.status.get("startTime"):
-        b.status["startTime"] = _timestamp(b.now)
+    if started and not b.status.start_time:
+        b.status.start_time = format_time(b.now)
     if len(started) < nodes:
         blocked = next((p for p in current if p.unschedulable or p.waiting), None)
         if blocked is not None:
@@ -388,7 +312,7 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         return b.decision
 
     b.decision.all_workers_running_first_time = (
-        attempt == 0 and previously_ready < nodes and b.status["workers"]["ready"] == nodes
+        attempt == 0 and previously_ready < nodes and b.status.workers.ready == nodes
     )
     # Running once rank 0 reports; it stays so while rank 0 finishes first or its probe flaps.
     if by_rank[0].ready or b.phase == "Running" or by_rank[0].phase == "Succeeded":
@@ -397,10 +321,10 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         b.move_to("Initializing", "all workers started; waiting for training to report progress")
     if b.observed.progress is not None and b.observed.progress.get("totalSteps"):
         reported = progress_status(b.observed.progress)
-        b.status["progress"] = reported["progress"]
-        b.status["metrics"] = {**(b.status.get("metrics") or {}), **reported["metrics"]}
-        if reported["checkpoints"]:
-            b.status["checkpoints"] = reported["checkpoints"]
+        b.status.progress = reported.progress
+        b.status.metrics = {**b.status.metrics, **reported.metrics}
+        if reported.checkpoints:
+            b.status.checkpoints = reported.checkpoints
     return b.decision
 
 
@@ -434,7 +358,7 @@ def _handle_failure(
         )
         return b.decision
     b.delete(current)
-    b.status["restarts"] = attempt + 1
+    b.status.restarts = attempt + 1
     b.decision.gang_restarted = True
     b.move_to(
         "Restarting",

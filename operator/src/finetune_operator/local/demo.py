@@ -1,7 +1,7 @@
 """``finetune demo``: the whole product on a tiny model, on this machine, in a few minutes.
 
 It builds a tiny Llama model and a small chat dataset (offline), writes a FinetuneJob for a 2-rank
-LoRA fine-tune, runs it with ``finetune run --embedded-s3`` (a local folder served as S3), then
+LoRA fine-tune, runs it with ``finetune run --store`` (a local folder as the store, no server), then
 reloads the fine-tuned adapter and asks it one question.
 """
 
@@ -46,7 +46,7 @@ def demo_manifest() -> dict[str, Any]:
 
 
 def prepare(directory: Path) -> Path:
-    """The demo's S3 folder (models/, datasets/, outputs/ buckets) and its manifest; returns the manifest."""
+    """The demo's store folder (buckets models/, datasets/, outputs/) and manifest; returns the manifest."""
     from finetune_trainer.tiny import build_tiny_model, demo_rows
 
     store = directory / "s3"
@@ -84,7 +84,7 @@ def run_demo(directory: Path, out: TextIO = sys.stdout) -> int:
     out.write(f"the FinetuneJob: {manifest_path}\n")
     job = parse_finetune_job(yaml.safe_load(manifest_path.read_text()))
     store = directory / "s3"
-    code, _ = run_local(job, embedded_s3=store, out=out)
+    code, _ = run_local(job, store=store, out=out)
     if code != 0:
         return code
     output = local_path(job.spec.output.uri, store)

@@ -4,7 +4,9 @@ It resolves the manifest with the operator's own code into the trainer's configu
 worker entry point (``python -m finetune_trainer.launch``) with ``nodes x max(gpusPerNode, 1)``
 local ranks (GPUs when there are enough, otherwise CPU processes with gloo), shows progress from
 rank 0's /progress, and ends with the status block the operator would write, computed by the
-operator's own state machine from the workers' exit codes and termination messages.
+operator's own state machine from the workers' exit codes and termination messages. With a store
+folder (``--store DIR``) every rank reads and writes ``s3://bucket/key`` as the file ``DIR/bucket/key``
+(no server, no ports); without one, the spec's own S3 storage is used.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import FolderStorageConfig, TrainerConfig
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
 
 from finetune_operator.api.resolve import resolve_trainer_config
-from finetune_operator.api.spec import FinetuneJob
-from finetune_operator.controller.state import JobObservation, PodObservation, decide, progress_status
-from finetune_operator.local.embedded_s3 import EmbeddedS3
-
-EMBEDDED_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "embedded", "AWS_SECRET_ACCESS_KEY": "embedded"}
+from finetune_operator.api.spec import FinetuneJob, FinetuneJobStatus
+from finetune_operator.controller.observation import PodObservation, progress_status
+from finetune_operator.controller.state import JobObservation, decide
 
 
 class LocalRunError(Exception):
@@ -64,7 +64,7 @@ class LocalPlan:
     notes: tuple[str, ...]
 
 
-def plan_local_run(job: FinetuneJob, gpus_here: int, endpoint: str | None, progress_port: int) -> LocalPlan:
+def plan_local_run(job: FinetuneJob, gpus_here: int, store: Path | None, progress_port: int) -> LocalPlan:
     """The trainer configuration for this machine: the job's, adapted only where the machine differs."""
     config = resolve_trainer_config(job)
     ranks = config.distributed.world_size
@@ -86,8 +86,8 @@ def plan_local_run(job: FinetuneJob, gpus_here: int, endpoint: str | None, progr
     if on_cpu and config.hyperparameters.precision != "fp32":
         notes.append(f"precision {config.hyperparameters.precision} -> fp32 on CPU")
         updates["hyperparameters"] = config.hyperparameters.model_copy(update={"precision": "fp32"})
-    if endpoint is not None:
-        updates["storage"] = config.storage.model_copy(update={"endpoint": endpoint, "region": "us-east-1"})
+    if store is not None:
+        updates["storage"] = FolderStorageConfig(kind="folder", root=str(store.resolve()))
     updates["reporting"] = config.reporting.model_copy(update={"progress_port": progress_port})
     return LocalPlan(config.model_copy(update=updates), ranks, tuple(notes))
 
@@ -156,9 +156,16 @@ def final_status(
 ) -> dict[str, Any]:
     """What the operator would write, from the same state machine fed with what this run observed."""
     assert job.metadata.name is not None
-    status: dict[str, Any] = {"phase": "Running", "restarts": restarts}
+    status = FinetuneJobStatus(phase="Running", restarts=restarts)
     if last_progress is not None:
-        status |= progress_status(last_progress)
+        reported = progress_status(last_progress)
+        status = status.model_copy(
+            update={
+                "progress": reported.progress,
+                "metrics": reported.metrics,
+                "checkpoints": reported.checkpoints,
+            }
+        )
     observed = JobObservation(
         job.metadata.name, job.metadata.namespace or "default", 1, datetime.now(UTC), job, status=status
     )
@@ -176,7 +183,9 @@ def final_status(
     ]
     decision = decide(observed, workers, datetime.now(UTC))
     final = {
-        k: v for k, v in decision.status.items() if v not in (None, [], {}) and k != "observedGeneration"
+        k: v
+        for k, v in decision.status.to_api().items()
+        if v not in (None, [], {}) and k != "observedGeneration"
     }
     if final["phase"] == "Restarting":  # the caller restarts; this block is only shown at the end
         final["phase"] = "Failed"
@@ -208,15 +217,17 @@ def _launch(
     return launcher.returncode, last
 
 
-def run_local(
-    job: FinetuneJob, embedded_s3: Path | None, out: TextIO = sys.stdout
-) -> tuple[int, dict[str, Any]]:
+def run_local(job: FinetuneJob, store: Path | None, out: TextIO = sys.stdout) -> tuple[int, dict[str, Any]]:
     """Runs the job here, restarting from the newest checkpoint after retryable failures up to
     runPolicy.backoffLimit, as the operator would; returns the exit code and the final status."""
+    if store is not None and not store.is_dir():
+        raise LocalRunError(
+            f"--store {store}: no such folder; make it and put each bucket in it as a folder "
+            "(s3://bucket/key is DIR/bucket/key)"
+        )
+    plan = plan_local_run(job, _local_gpus(), store, _free_port())
     work = Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
-    server = EmbeddedS3(embedded_s3).start() if embedded_s3 is not None else None
     try:
-        plan = plan_local_run(job, _local_gpus(), server.endpoint if server else None, _free_port())
         for note in plan.notes:
             out.write(f"note: {note}\n")
         config_file = work / "config.json"
@@ -234,8 +245,6 @@ def run_local(
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        if server is not None:
-            env |= EMBEDDED_CREDENTIALS
         if not plan.config.distributed.uses_gpus:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.ranks)))
         out.write(
@@ -260,12 +269,10 @@ def run_local(
         out.write(yaml.safe_dump({"status": status}, sort_keys=False, width=100))
         return code, status
     finally:
-        if server is not None:
-            server.stop()
         shutil.rmtree(work / "workspace", ignore_errors=True)
 
 
-def local_path(uri: str, embedded_s3: Path) -> Path:
-    """Where an s3://bucket/key of an embedded-S3 run lies on disk."""
+def local_path(uri: str, store: Path) -> Path:
+    """Where an s3://bucket/key of a ``--store DIR`` run lies on disk."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return embedded_s3 / bucket / key
+    return store / bucket / key

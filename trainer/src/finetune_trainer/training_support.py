@@ -1,0 +1,187 @@
+"""What the recipe is built from, none of it specific to one run: the ranks and their agreement on
+failures, the step plan, the learning-rate schedule, the DeepSpeed engine, this rank's
+micro-batches, one optimizer step and the reseeding that makes a resume continue the same way.
+
+Kept apart from ``recipe.py`` so the recipe reads as the run itself, and so the throughput
+benchmark can time the very ``optimizer_step`` a job runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from finetune_trainer import data
+from finetune_trainer.collectives import largest
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.data import Example
+from finetune_trainer.deepspeed_config import build_deepspeed_config
+from finetune_trainer.errors import NonRetryableError
+from finetune_trainer.storage import AccessDeniedError, ObjectNotFoundError
+
+# What no restart fixes: the trainer exits with the reserved code for these.
+NonRetryableFailures = (NonRetryableError, data.DataError, ObjectNotFoundError, AccessDeniedError)
+# Ranks agree on failures: 0 none, 1 retryable, 2 non-retryable (the worst wins everywhere).
+_FAILURE_NONE, _FAILURE_RETRYABLE, _FAILURE_FINAL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+@dataclass
+class Plan:
+    """How the data maps to optimizer steps."""
+
+    micro_batches_per_epoch: int
+    accumulation: int
+    total_steps: int
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.accumulation / self.micro_batches_per_epoch
+
+
+def init_distributed(config: TrainerConfig) -> Ranks:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = config.distributed.uses_gpus and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    minutes = int(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
+    deepspeed.init_distributed(
+        dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=minutes)
+    )
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def together(ranks: Ranks, work: Callable[[], Any]) -> Any:
+    """Runs ``work`` on every rank; if it fails anywhere, it fails everywhere, with the same kind.
+
+    Otherwise a rank whose download failed would leave the others waiting in a barrier, and a pod
+    exiting with a retryable code could restart a gang that must fail.
+    """
+    result, error, kind = None, None, _FAILURE_NONE
+    try:
+        result = work()
+    except NonRetryableFailures as failure:
+        error, kind = failure, _FAILURE_FINAL
+    except Exception as failure:
+        error, kind = failure, _FAILURE_RETRYABLE
+    worst = largest(kind, ranks.device)
+    if worst == _FAILURE_NONE:
+        return result
+    if error is None:
+        error = RuntimeError("another rank failed; see its log")
+    if worst == _FAILURE_FINAL and not isinstance(error, NonRetryableError):
+        raise NonRetryableError(str(error)) from error
+    raise error
+
+
+def make_plan(config: TrainerConfig, train_examples: int, world_size: int) -> Plan:
+    hp = config.hyperparameters
+    micro = (train_examples // world_size) // hp.batch_size_per_device
+    if micro == 0:
+        raise NonRetryableError(
+            f"{train_examples} training sequences are too few for batchSizePerDevice "
+            f"{hp.batch_size_per_device} on {world_size} ranks"
+        )
+    if hp.max_steps is not None:
+        total = hp.max_steps
+    else:
+        assert hp.epochs is not None
+        total = max(1, math.ceil(hp.epochs * micro / hp.gradient_accumulation_steps))
+    return Plan(micro, hp.gradient_accumulation_steps, total)
+
+
+def lr_multiplier(config: TrainerConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup from 0, then cosine or linear decay to 0, or constant."""
+    hp = config.hyperparameters
+    warmup = int(hp.warmup_ratio * total_steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if hp.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if hp.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return multiplier
+
+
+def build_engine(config: TrainerConfig, model: torch.nn.Module, plan: Plan, ranks: Ranks) -> Any:
+    hp = config.hyperparameters
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ds_config = build_deepspeed_config(config, ranks.world_size)
+    optimizer = None
+    if "optimizer" not in ds_config:  # ZeRO-Offload brings DeepSpeed's CPU Adam instead
+        fused = ranks.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=fused
+        )
+    multiplier = lr_multiplier(config, plan.total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        optimizer=optimizer,
+        lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, multiplier),
+        config=ds_config,
+    )
+    return engine
+
+
+def micro_batches(
+    examples: list[Example], ranks: Ranks, batch_size: int, seed: int, start: int
+) -> Iterator[list[Example]]:
+    """This rank's micro-batches from ``start`` on, forever: a seeded shuffle per epoch."""
+    share = examples[ranks.rank :: ranks.world_size][: len(examples) // ranks.world_size]
+    per_epoch = len(share) // batch_size
+    index = start
+    while True:
+        epoch, offset = divmod(index, per_epoch)
+        order = torch.randperm(len(share), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        chosen = order[offset * batch_size : (offset + 1) * batch_size]
+        yield [share[i] for i in chosen]
+        index += 1
+
+
+def optimizer_step(
+    engine: Any,
+    batches: Iterator[list[Example]],
+    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+    accumulation: int,
+    loss_sum: torch.Tensor,
+    tokens: torch.Tensor,
+) -> None:
+    """One optimizer step of ``accumulation`` micro-batches; sums loss and tokens on the device, so
+    nothing waits for the GPU here."""
+    device = loss_sum.device
+    for _ in range(accumulation):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(next(batches)).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().double()
+        tokens += batch["attention_mask"].sum()
+
+
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Seeds that continue across a resume: a function of the seed, the rank and the step."""
+    value = (seed * 1_000_003 + rank * 7919 + step) % 2**32
+    random.seed(value)
+    torch.manual_seed(value)
