@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import sysconfig
@@ -11,15 +12,18 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.api.resolve import resolve_trainer_config
+from finetune_operator.api import spec
+from finetune_operator.api.resolve import OPERATOR_ONLY, RENAMED, resolve_trainer_config
 from finetune_operator.api.validation import defaulted, parse_finetune_job
+from finetune_trainer import config as contract
 from finetune_trainer.config import FolderStorageConfig, S3StorageConfig, TrainerConfig, load_trainer_config
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tests.manifests import minimal_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+RESOLVED = Path(__file__).resolve().parent / "data" / "resolved"
 
 BASE = minimal_manifest()
 
@@ -45,6 +49,66 @@ def test_resolved_config_round_trips_through_json(path: Path, tmp_path: Path) ->
     written = tmp_path / "config.json"
     written.write_text(config.to_json())
     assert load_trainer_config(written) == config
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_resolved_config_of_each_example_is_pinned(path: Path) -> None:
+    """Any change to what a worker receives shows up here; regenerate tests/data/resolved/ on purpose."""
+    config = resolve_trainer_config(parse_finetune_job(yaml.safe_load(path.read_text())))
+    assert json.loads(config.to_json()) == json.loads((RESOLVED / f"{path.stem}.json").read_text())
+
+
+def test_every_example_has_a_pinned_config() -> None:
+    assert sorted(p.stem for p in RESOLVED.glob("*.json")) == [p.stem for p in EXAMPLES]
+
+
+# Each spec section and the trainer section resolve_trainer_config builds from it.
+MAPPED_SECTIONS: list[tuple[type[spec.SpecModel], type[BaseModel]]] = [
+    (spec.FinetuneJobSpec, contract.TrainerConfig),
+    (spec.ModelSpec, contract.ModelSource),
+    (spec.DatasetSpec, contract.DatasetConfig),
+    (spec.MethodSpec, contract.MethodConfig),
+    (spec.LoraSpec, contract.LoraConfig),
+    (spec.FreezeSpec, contract.FreezeConfig),
+    (spec.HyperparametersSpec, contract.HyperparametersConfig),
+    (spec.DeepSpeedSpec, contract.DeepSpeedSettings),
+    (spec.ResourcesSpec, contract.DistributedConfig),
+    (spec.StorageSpec, contract.S3StorageConfig),
+    (spec.OutputSpec, contract.OutputConfig),
+    (spec.EvaluationSpec, contract.EvaluationConfig),
+]
+
+
+@pytest.mark.parametrize(("spec_section", "trainer_section"), MAPPED_SECTIONS, ids=lambda s: s.__name__)
+def test_every_spec_field_reaches_the_trainer_or_is_operator_only(
+    spec_section: type[spec.SpecModel], trainer_section: type[BaseModel]
+) -> None:
+    """A new spec field fails here until the trainer declares it (same name or RENAMED) or it is listed
+    in OPERATOR_ONLY, so none is dropped silently on its way to the workers."""
+    renamed = RENAMED.get(spec_section, {})
+    operator_only = OPERATOR_ONLY.get(spec_section, frozenset())
+    dropped = [
+        name
+        for name in spec_section.model_fields
+        if renamed.get(name, name) not in trainer_section.model_fields and name not in operator_only
+    ]
+    assert dropped == []
+    # The tables name real fields, and an operator-only field is not one the trainer reads after all.
+    assert set(renamed) | operator_only <= set(spec_section.model_fields)
+    assert set(renamed.values()) <= set(trainer_section.model_fields)
+    assert not operator_only & set(trainer_section.model_fields)
+
+
+def test_every_spec_section_the_trainer_reads_has_its_fields_checked() -> None:
+    """A new spec section fails here until MAPPED_SECTIONS pairs it with its trainer section."""
+    operator_only = OPERATOR_ONLY[spec.FinetuneJobSpec]
+    read = {
+        info.annotation
+        for name, info in spec.FinetuneJobSpec.model_fields.items()
+        if name not in operator_only
+    }
+    assert read <= {spec_section for spec_section, _ in MAPPED_SECTIONS}
+    assert set(RENAMED) | set(OPERATOR_ONLY) <= {spec_section for spec_section, _ in MAPPED_SECTIONS}
 
 
 def _get(config: TrainerConfig, dotted: str) -> Any:

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from finetune_operator.api.validation import parse_finetune_job
+from finetune_operator.controller.manifests import WorkerSettings, build_worker_pod
 from finetune_operator.local.demo import demo_manifest, prepare
-from finetune_operator.local.run import LocalRunError, plan_local_run, progress_line
+from finetune_operator.local.run import (
+    AttemptOutcome,
+    LocalRunError,
+    local_environment,
+    plan_local_run,
+    progress_line,
+    supervise,
+)
+from finetune_trainer import worker_env
 from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE
+from finetune_trainer.launch import torchrun_argv
+from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
 
 from tests.manifests import minimal_manifest
 
@@ -136,3 +149,57 @@ def test_progress_line() -> None:
         {"step": 12, "totalSteps": 48, "trainLoss": 2.3456, "tokensPerSecond": 3400.4, "etaSeconds": 95}
     )
     assert line == "step 12/48 [######..................] loss 2.3456 tok/s 3,400 ETA 1:35"
+
+
+def test_the_pods_and_the_local_ranks_get_the_same_worker_environment(tmp_path: Path) -> None:
+    manifest = minimal_manifest(resources={"nodes": 2, "gpusPerNode": 0}, storage={"credentialsSecret": "s3"})
+    job = parse_finetune_job(manifest)
+    pod = build_worker_pod(job, "uid", 1, 0, WorkerSettings(default_image="trainer:1"))
+    in_pod = [e["name"] for e in pod["spec"]["containers"][0]["env"]]
+    pod_only = {worker_env.POD_NAME, *worker_env.CREDENTIALS, *worker_env.OPTIONAL_CREDENTIALS}
+    pod_only |= worker_env.SCRATCH_DIRS.keys()
+    local = local_environment(plan_local_run(job, 0, None, 1234), tmp_path, 4321)
+    assert len(in_pod) == len(set(in_pod))
+    assert set(in_pod) - pod_only == local.keys()
+    assert set(worker_env.REQUIRED) <= local.keys()
+    assert torchrun_argv(local)[-1] == str(tmp_path / "config.json")
+
+
+def _failure(code: int, interrupted: bool = False) -> AttemptOutcome:
+    return AttemptOutcome(code, json.dumps({"outcome": "failed", "error": "boom"}), interrupted=interrupted)
+
+
+# Attempt outcomes in order, backoffLimit -> (phase, restarts, Failed reason); every outcome is used.
+SUPERVISION_CASES = [
+    pytest.param([AttemptOutcome(0)], 3, ("Succeeded", 0, None), id="first-attempt-succeeds"),
+    pytest.param([_failure(1), AttemptOutcome(0)], 3, ("Succeeded", 1, None), id="restart-then-succeed"),
+    pytest.param([_failure(1)] * 3, 2, ("Failed", 2, "BackoffLimitExceeded"), id="backoff-limit-spent"),
+    pytest.param([_failure(1)], 0, ("Failed", 0, "BackoffLimitExceeded"), id="no-restarts-allowed"),
+    pytest.param(
+        [_failure(1), _failure(NON_RETRYABLE_EXIT_CODE)],
+        3,
+        ("Failed", 1, "NonRetryableError"),
+        id="non-retryable",
+    ),
+    pytest.param(
+        [_failure(STOPPED_EXIT_CODE), AttemptOutcome(0)], 3, ("Succeeded", 1, None), id="stopped-resumes"
+    ),
+    pytest.param(
+        [_failure(STOPPED_EXIT_CODE, interrupted=True)], 3, ("Failed", 1, None), id="stopped-by-the-user"
+    ),
+]
+
+
+@pytest.mark.parametrize(("outcomes", "backoff_limit", "expected"), SUPERVISION_CASES)
+def test_restarts_follow_the_operators_state_machine(
+    outcomes: list[AttemptOutcome], backoff_limit: int, expected: tuple[str, int, str | None]
+) -> None:
+    job = parse_finetune_job(minimal_manifest(runPolicy={"backoffLimit": backoff_limit}))
+    remaining: Iterator[AttemptOutcome] = iter(outcomes)
+    out = io.StringIO()
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    last, status = supervise(job, lambda: next(remaining), out, clock=lambda: now)
+    assert next(remaining, None) is None and last is outcomes[-1]
+    failed = next((c["reason"] for c in status.get("conditions", []) if c["type"] == "Failed"), None)
+    assert (status["phase"], status.get("restarts", 0), failed) == expected
+    assert out.getvalue().count("restarting from the newest checkpoint") == len(outcomes) - 1

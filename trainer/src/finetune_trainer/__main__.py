@@ -15,13 +15,14 @@ import threading
 import traceback
 from collections.abc import Sequence
 
-from finetune_trainer.config import load_trainer_config
+from finetune_trainer.config import DEFAULT_TERMINATION_MESSAGE_PATH, load_trainer_config
 from finetune_trainer.summary import (
     NON_RETRYABLE_EXIT_CODE,
     STOPPED_EXIT_CODE,
     TerminationSummary,
     write_termination_message,
 )
+from finetune_trainer.worker_env import TERMINATION_MESSAGE_PATH
 
 logger = logging.getLogger("finetune_trainer")
 
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _finish(config: object, summary: TerminationSummary) -> int:
     """Local rank 0 leaves the node's summary in the termination-message file for the operator."""
     path = getattr(getattr(config, "reporting", None), "termination_message_path", None)
-    path = os.environ.get("TERMINATION_MESSAGE_PATH", path or "/dev/termination-log")
+    path = os.environ.get(TERMINATION_MESSAGE_PATH, path or DEFAULT_TERMINATION_MESSAGE_PATH)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         write_termination_message(path, summary)
     if summary.outcome == "failed":

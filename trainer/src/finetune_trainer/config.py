@@ -4,6 +4,10 @@ The operator resolves a FinetuneJob into this model and writes it as JSON into t
 ``finetune run`` writes the same JSON for local ranks; the trainer reads it with
 :func:`load_trainer_config`. It imports nothing heavier than pydantic so that the operator (which has
 no torch) can build and validate it.
+
+The FinetuneJob's CEL rules already hold each rule between fields for the API server; the validators here
+re-check only the ones whose breach would start a wrong or hanging run (each says what it guards), so a
+skewed operator or a hand-written config fails at load instead of mid-training.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ MethodType = Literal["full", "lora", "qlora", "freeze"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "cpu"]
+
+# The methods that train adapters (and so have lora settings); the CRD's CEL rules are written from it.
+ADAPTER_METHODS: tuple[MethodType, ...] = ("lora", "qlora")
 
 # The columns each dataset format reads, in its canonical names (``dataset.columns`` renames them).
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -73,6 +80,7 @@ class DatasetConfig(ContractModel):
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetConfig:
+        # Guards the data loader: with both it would have to pick one evaluation set silently.
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("eval and evalSplit are mutually exclusive")
         return self
@@ -101,7 +109,8 @@ class MethodConfig(ContractModel):
 
     @model_validator(mode="after")
     def _settings_match_type(self) -> MethodConfig:
-        if (self.lora is not None) != (self.type in ("lora", "qlora")):
+        # Guards model setup: it reads the settings of the method it builds and would fail on None.
+        if (self.lora is not None) != (self.type in ADAPTER_METHODS):
             raise ValueError("lora settings are present exactly when the method is lora or qlora")
         if (self.freeze is not None) != (self.type == "freeze"):
             raise ValueError("freeze settings are present exactly when the method is freeze")
@@ -125,6 +134,7 @@ class HyperparametersConfig(ContractModel):
 
     @model_validator(mode="after")
     def _exactly_one_length(self) -> HyperparametersConfig:
+        # Guards the schedule: the total step count comes from exactly one of the two.
         if (self.epochs is None) == (self.max_steps is None):
             raise ValueError("exactly one of epochs and maxSteps is set")
         return self
@@ -224,6 +234,8 @@ class TrainerConfig(ContractModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainerConfig:
+        # Guards against a run that fails after loading the model (qlora on CPU), or never stops early
+        # because no evaluation loss ever arrives.
         if self.method.type == "qlora" and not self.distributed.uses_gpus:
             raise ValueError("qlora needs GPUs (4-bit bitsandbytes kernels have no CPU implementation)")
         if self.hyperparameters.early_stopping_patience is not None and not self.dataset.has_eval:

@@ -1,6 +1,6 @@
 """The worker pod's entry point: wait for worker 0's DNS name, then run the trainer under torchrun.
 
-The operator sets NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT and FINETUNE_CONFIG.
+The operator (or ``finetune run``) sets the environment of :mod:`finetune_trainer.worker_env`.
 Workers that start before worker 0 has an address would otherwise die on "host not found"; the
 headless Service publishes not-ready pods, so the name appears as soon as worker 0 is scheduled.
 No ssh and no shell: torchrun's static rendezvous on worker 0, started with an argv list, as a
@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from finetune_trainer import worker_env as names
+from finetune_trainer.config import DEFAULT_TERMINATION_MESSAGE_PATH
 from finetune_trainer.summary import (
     NON_RETRYABLE_EXIT_CODE,
     STOPPED_EXIT_CODE,
@@ -27,8 +29,6 @@ from finetune_trainer.summary import (
     parse_termination_message,
     write_termination_message,
 )
-
-DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 1800
 
 
 def _resolvable(host: str) -> bool:
@@ -59,23 +59,23 @@ def wait_for_host(
 
 def torchrun_argv(env: Mapping[str, str]) -> list[str]:
     """torchrun's command line for this node, from the environment the operator set."""
-    timeout = env.get("RENDEZVOUS_TIMEOUT_SECONDS", str(DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS))
+    timeout = env.get(names.RENDEZVOUS_TIMEOUT_SECONDS, str(names.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS))
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        f"--nnodes={env['NNODES']}",
-        f"--node-rank={env['NODE_RANK']}",
-        f"--nproc-per-node={env['NPROC_PER_NODE']}",
-        f"--master-addr={env['MASTER_ADDR']}",
-        f"--master-port={env['MASTER_PORT']}",
+        f"--nnodes={env[names.NNODES]}",
+        f"--node-rank={env[names.NODE_RANK]}",
+        f"--nproc-per-node={env[names.NPROC_PER_NODE]}",
+        f"--master-addr={env[names.MASTER_ADDR]}",
+        f"--master-port={env[names.MASTER_PORT]}",
         f"--rdzv-conf=timeout={timeout}",
         # SIGTERM is the ranks' own to handle (see run_torchrun), never torchrun's.
         "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
         "-m",
         "finetune_trainer",
         "--config",
-        env["FINETUNE_CONFIG"],
+        env[names.FINETUNE_CONFIG],
     ]
 
 
@@ -89,23 +89,19 @@ def _fail(message: str, termination_log: str) -> int:
 
 def main() -> int:
     env = dict(os.environ)
-    termination_log = env.get("TERMINATION_MESSAGE_PATH", "/dev/termination-log")
-    missing = [
-        k
-        for k in ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "FINETUNE_CONFIG")
-        if not env.get(k)
-    ]
+    termination_log = env.get(names.TERMINATION_MESSAGE_PATH, DEFAULT_TERMINATION_MESSAGE_PATH)
+    missing = [k for k in names.REQUIRED if not env.get(k)]
     if missing:
         print(f"finetune launch: missing environment: {', '.join(missing)}", file=sys.stderr)
         return NON_RETRYABLE_EXIT_CODE
-    for directory in (env.get("HOME"), env.get("TMPDIR"), env.get("HF_HOME")):
+    for directory in (env.get(name) for name in names.SCRATCH_DIRS):
         if directory:
             os.makedirs(directory, exist_ok=True)  # on the pod's scratch volume; the root is read-only
-    timeout = float(env.get("RENDEZVOUS_TIMEOUT_SECONDS", DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS))
-    if env["NODE_RANK"] != "0" and not wait_for_host(env["MASTER_ADDR"], timeout):
+    timeout = float(env.get(names.RENDEZVOUS_TIMEOUT_SECONDS, names.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS))
+    if env[names.NODE_RANK] != "0" and not wait_for_host(env[names.MASTER_ADDR], timeout):
         # Retryable: the gang restarts and worker 0 gets another chance to be scheduled.
         return _fail(
-            f"worker 0 ({env['MASTER_ADDR']}) did not resolve within {timeout:.0f}s", termination_log
+            f"worker 0 ({env[names.MASTER_ADDR]}) did not resolve within {timeout:.0f}s", termination_log
         )
     return run_torchrun(torchrun_argv(env), termination_log)
 

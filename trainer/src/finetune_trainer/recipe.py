@@ -47,6 +47,7 @@ from finetune_trainer.training_support import (
     reseed,
     together,
 )
+from finetune_trainer.worker_env import DEFAULT_WORKSPACE, FINETUNE_WORKSPACE
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class FinetuneRecipe:
         self.config = config
         self.hp = config.hyperparameters
         self.stop_requested = stop_requested
-        self.workspace = Path(os.environ.get("FINETUNE_WORKSPACE", "/workspace"))
+        self.workspace = Path(os.environ.get(FINETUNE_WORKSPACE, DEFAULT_WORKSPACE))
         self.progress = Progress()
         self.server: ProgressServer | None = None
         self.state = LoopState()

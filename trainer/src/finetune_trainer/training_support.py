@@ -27,6 +27,7 @@ from finetune_trainer.data import Example
 from finetune_trainer.deepspeed_config import build_deepspeed_config
 from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.storage import AccessDeniedError, ObjectNotFoundError
+from finetune_trainer.worker_env import DEEPSPEED_TIMEOUT, DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES
 
 # What no restart fixes: the trainer exits with the reserved code for these.
 NonRetryableFailures = (NonRetryableError, data.DataError, ObjectNotFoundError, AccessDeniedError)
@@ -59,7 +60,7 @@ def init_distributed(config: TrainerConfig) -> Ranks:
     use_cuda = config.distributed.uses_gpus and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    minutes = int(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
+    minutes = int(os.environ.get(DEEPSPEED_TIMEOUT, DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES))
     deepspeed.init_distributed(
         dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=minutes)
     )

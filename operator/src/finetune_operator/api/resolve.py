@@ -2,13 +2,23 @@
 
 The operator writes its result into the job's ConfigMap, ``finetune run`` hands it to local ranks, and
 the trainer reads it: every default and every derived value is decided here, once.
+
+A trainer section is copied from its spec section by field name (:func:`_copy`), so a new spec field
+reaches the trainer once the trainer declares it; only what the trainer spells or computes differently is
+written out below. ``tests/test_contract.py`` checks that every spec field is copied, renamed or listed in
+:data:`OPERATOR_ONLY`. The rules between fields live in the CEL rules of ``spec.py`` (operator side) and
+the validators of ``finetune_trainer.config`` (worker side), not here.
 """
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from finetune_trainer.config import (
+    ADAPTER_METHODS,
     DEFAULT_TERMINATION_MESSAGE_PATH,
     PROGRESS_PORT,
+    ContractModel,
     DatasetConfig,
     DeepSpeedSettings,
     DistributedConfig,
@@ -25,27 +35,74 @@ from finetune_trainer.config import (
     TrainerConfig,
 )
 
-from finetune_operator.api.spec import FinetuneJob, FreezeSpec, LoraSpec
+from finetune_operator.api.spec import (
+    DeepSpeedSpec,
+    FinetuneJob,
+    FinetuneJobSpec,
+    FreezeSpec,
+    HyperparametersSpec,
+    LoraSpec,
+    ResourcesSpec,
+    SpecModel,
+    StorageSpec,
+)
 
 # Gradient-norm clipping; a job can change it through spec.deepspeed.config.gradient_clipping.
 DEFAULT_GRADIENT_CLIPPING = 1.0
+
+# Spec fields the trainer declares under another name: {spec field: trainer field}. The value is copied as
+# it is, unless resolve_trainer_config derives that trainer field itself.
+RENAMED: dict[type[SpecModel], dict[str, str]] = {
+    FinetuneJobSpec: {"resources": "distributed"},
+    HyperparametersSpec: {"early_stopping": "early_stopping_patience"},
+    DeepSpeedSpec: {"config": "overrides"},
+    ResourcesSpec: {"gpus_per_node": "processes_per_node"},
+}
+
+# Spec fields the trainer never sees: they choose, place and authorise the pods and the job's lifecycle,
+# not what a training process does (and credentials must never be written into the config).
+OPERATOR_ONLY: dict[type[SpecModel], frozenset[str]] = {
+    FinetuneJobSpec: frozenset({"image", "run_policy"}),
+    ResourcesSpec: frozenset(
+        {
+            "cpu",
+            "memory",
+            "node_selector",
+            "tolerations",
+            "affinity",
+            "priority_class_name",
+            "scheduler_name",
+            "service_account_name",
+        }
+    ),
+    StorageSpec: frozenset({"credentials_secret"}),
+}
+
+Section = TypeVar("Section", bound=ContractModel)
+
+
+def _copy(target: type[Section], source: SpecModel, **derived: Any) -> Section:
+    """``target`` from every ``source`` field it declares (by name or through RENAMED), then ``derived``.
+
+    A spec field the trainer does not declare is not passed, so the trainer's strict models stay closed.
+    """
+    renamed = RENAMED.get(type(source), {})
+    copied = {renamed.get(name, name): getattr(source, name) for name in type(source).model_fields}
+    known = {name: value for name, value in copied.items() if name in target.model_fields}
+    return target.model_validate({**known, **derived})
 
 
 def _method(job: FinetuneJob) -> MethodConfig:
     method = job.spec.method
     lora = None
-    if method.type in ("lora", "qlora"):
+    if method.type in ADAPTER_METHODS:
         spec = method.lora or LoraSpec()
-        lora = LoraConfig(
-            r=spec.r,
-            alpha=spec.alpha,
-            dropout=spec.dropout,
-            target_modules=list(spec.target_modules) or "all-linear",
-        )
+        # No modules named: every linear projection, in peft's spelling.
+        lora = _copy(LoraConfig, spec, target_modules=list(spec.target_modules) or "all-linear")
     freeze = None
     if method.type == "freeze":
-        freeze = FreezeConfig(trainable_layers=(method.freeze or FreezeSpec()).trainable_layers)
-    return MethodConfig(type=method.type, lora=lora, freeze=freeze)
+        freeze = _copy(FreezeConfig, method.freeze or FreezeSpec())
+    return _copy(MethodConfig, method, lora=lora, freeze=freeze)
 
 
 def resolve_trainer_config(
@@ -54,55 +111,39 @@ def resolve_trainer_config(
     """Everything a worker needs, with every default applied; raises if the job is inconsistent."""
     spec = job.spec
     hp = spec.hyperparameters
-    has_eval = spec.dataset.eval is not None or spec.dataset.eval_split is not None
-    # Neither epochs nor maxSteps: one epoch.
-    epochs = 1 if hp.epochs is None and hp.max_steps is None else hp.epochs
+    dataset = _copy(DatasetConfig, spec.dataset)
+    gpus = spec.resources.gpus_per_node
     return TrainerConfig(
         job=JobIdentity(name=job.metadata.name or "", namespace=job.metadata.namespace or "default"),
-        model=ModelSource(uri=spec.model.uri, trust_remote_code=spec.model.trust_remote_code),
-        dataset=DatasetConfig(
-            train=spec.dataset.train,
-            eval=spec.dataset.eval,
-            eval_split=spec.dataset.eval_split,
-            format=spec.dataset.format,
-            columns=dict(spec.dataset.columns),
-            max_seq_length=spec.dataset.max_seq_length,
-            packing=spec.dataset.packing,
-        ),
+        model=_copy(ModelSource, spec.model),
+        dataset=dataset,
         method=_method(job),
-        hyperparameters=HyperparametersConfig(
-            epochs=epochs,
-            max_steps=hp.max_steps,
-            learning_rate=hp.learning_rate,
-            batch_size_per_device=hp.batch_size_per_device,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            warmup_ratio=hp.warmup_ratio,
-            weight_decay=hp.weight_decay,
-            lr_scheduler=hp.lr_scheduler,
-            precision=hp.precision,
-            gradient_checkpointing=hp.gradient_checkpointing,
+        hyperparameters=_copy(
+            HyperparametersConfig,
+            hp,
+            # Neither epochs nor maxSteps: one epoch.
+            epochs=1 if hp.epochs is None and hp.max_steps is None else hp.epochs,
             gradient_clipping=DEFAULT_GRADIENT_CLIPPING,
-            seed=hp.seed,
             early_stopping_patience=hp.early_stopping.patience if hp.early_stopping else None,
         ),
-        deepspeed=DeepSpeedSettings(
-            zero_stage=spec.deepspeed.zero_stage,
-            offload=spec.deepspeed.offload,
-            overrides=dict(spec.deepspeed.config),
+        deepspeed=_copy(DeepSpeedSettings, spec.deepspeed),
+        # CPU training (0 GPUs) runs one process per node.
+        distributed=_copy(
+            DistributedConfig, spec.resources, processes_per_node=max(gpus, 1), uses_gpus=gpus > 0
         ),
-        distributed=DistributedConfig(
-            nodes=spec.resources.nodes,
-            processes_per_node=max(spec.resources.gpus_per_node, 1),
-            uses_gpus=spec.resources.gpus_per_node > 0,
+        # The spec's empty strings mean "the environment's default", which the trainer spells None.
+        storage=_copy(
+            S3StorageConfig,
+            spec.storage,
+            endpoint=spec.storage.endpoint or None,
+            region=spec.storage.region or None,
         ),
-        storage=S3StorageConfig(endpoint=spec.storage.endpoint or None, region=spec.storage.region or None),
-        output=OutputConfig(
-            uri=spec.output.uri,
-            checkpoint_every_steps=spec.output.checkpoint_every_steps,
-            keep_checkpoints=spec.output.keep_checkpoints,
-            save_merged=spec.output.save_merged,
+        output=_copy(OutputConfig, spec.output),
+        evaluation=_copy(
+            EvaluationConfig,
+            spec.evaluation,
+            every_steps=spec.evaluation.every_steps if dataset.has_eval else None,
         ),
-        evaluation=EvaluationConfig(every_steps=spec.evaluation.every_steps if has_eval else None),
         reporting=ReportingConfig(
             progress_port=PROGRESS_PORT, termination_message_path=termination_message_path
         ),

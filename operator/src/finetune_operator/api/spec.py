@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from finetune_trainer.config import (
+    ADAPTER_METHODS,
     FORMAT_COLUMNS,
     S3_DATA_FILE_PATTERN,
     S3_PREFIX_PATTERN,
@@ -198,7 +199,7 @@ class MethodSpec(SpecModel):
     __cel_rules__ = (
         _immutable("method"),
         CelRule(
-            rule="!has(self.lora) || self.type in ['lora', 'qlora']",
+            rule=f"!has(self.lora) || self.type in {list(ADAPTER_METHODS)!r}",
             message="spec.method.lora is only allowed when spec.method.type is lora or qlora",
             field_path=".lora",
         ),
@@ -437,7 +438,7 @@ class FinetuneJobSpec(SpecModel):
             field_path=".resources.gpusPerNode",
         ),
         CelRule(
-            rule="!self.output.saveMerged || self.method.type in ['lora', 'qlora']",
+            rule=f"!self.output.saveMerged || self.method.type in {list(ADAPTER_METHODS)!r}",
             message="spec.output.saveMerged only applies to spec.method.type lora or qlora",
             field_path=".output.saveMerged",
         ),

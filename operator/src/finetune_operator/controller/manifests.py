@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_trainer import worker_env
 from finetune_trainer.config import PROGRESS_PORT
 
 from finetune_operator import API_VERSION, KIND
@@ -41,7 +42,7 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.json"
-WORKSPACE = "/workspace"
+WORKSPACE = worker_env.DEFAULT_WORKSPACE
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # Placeholder for `finetune render`, which runs before the API server has assigned a uid.
 UNASSIGNED_UID = "assigned-by-the-api-server"
@@ -56,9 +57,9 @@ class WorkerSettings:
     termination_grace_seconds: int = 300
     # Minutes before a collective operation gives up (DEEPSPEED_TIMEOUT); slow image pulls on other
     # nodes must not kill the ranks that started first.
-    process_group_timeout_minutes: int = 30
+    process_group_timeout_minutes: int = worker_env.DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES
     # Seconds the launcher waits for worker 0's DNS name and torchrun's rendezvous waits for peers.
-    rendezvous_timeout_seconds: int = 1800
+    rendezvous_timeout_seconds: int = worker_env.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
     run_as_user: int = 1000
 
 
@@ -114,36 +115,35 @@ def build_config_map(job: FinetuneJob, uid: str) -> dict[str, Any]:
 def _credentials_env(secret: str) -> list[dict[str, Any]]:
     """S3 credentials as references to the job's own Secret: never values, never another namespace."""
 
-    def ref(name: str, optional: bool = False) -> dict[str, Any]:
+    def ref(name: str, optional: bool) -> dict[str, Any]:
         key_ref: dict[str, Any] = {"name": secret, "key": name}
         if optional:
             key_ref["optional"] = True
         return {"name": name, "valueFrom": {"secretKeyRef": key_ref}}
 
-    return [ref("AWS_ACCESS_KEY_ID"), ref("AWS_SECRET_ACCESS_KEY"), ref("AWS_SESSION_TOKEN", optional=True)]
+    return [ref(name, False) for name in worker_env.CREDENTIALS] + [
+        ref(name, True) for name in worker_env.OPTIONAL_CREDENTIALS
+    ]
 
 
 def _env(job: FinetuneJob, node_rank: int, settings: WorkerSettings) -> list[dict[str, Any]]:
     assert job.metadata.name is not None
     resources = job.spec.resources
-    env: list[dict[str, Any]] = [
-        {"name": "FINETUNE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_FILE}"},
-        {"name": "NNODES", "value": str(resources.nodes)},
-        {"name": "NODE_RANK", "value": str(node_rank)},
-        {"name": "NPROC_PER_NODE", "value": str(max(resources.gpus_per_node, 1))},
-        {"name": "MASTER_ADDR", "value": master_address(job.metadata.name)},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "RENDEZVOUS_TIMEOUT_SECONDS", "value": str(settings.rendezvous_timeout_seconds)},
-        {"name": "DEEPSPEED_TIMEOUT", "value": str(settings.process_group_timeout_minutes)},
-        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
-        {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
-        {"name": "HOME", "value": f"{WORKSPACE}/home"},
-        {"name": "TMPDIR", "value": f"{WORKSPACE}/tmp"},
-        {"name": "HF_HOME", "value": f"{WORKSPACE}/hf"},
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-    ]
+    values = worker_env.worker_environment(
+        config_path=f"{CONFIG_DIR}/{CONFIG_FILE}",
+        nnodes=resources.nodes,
+        node_rank=node_rank,
+        nproc_per_node=max(resources.gpus_per_node, 1),
+        master_addr=master_address(job.metadata.name),
+        master_port=MASTER_PORT,
+        termination_message_path=TERMINATION_MESSAGE_PATH,
+        workspace=WORKSPACE,
+        scratch_in_workspace=True,
+        rendezvous_timeout_seconds=settings.rendezvous_timeout_seconds,
+        process_group_timeout_minutes=settings.process_group_timeout_minutes,
+    )
+    env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in values.items()]
+    env.append({"name": worker_env.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     if job.spec.storage.credentials_secret:
         env += _credentials_env(job.spec.storage.credentials_secret)
     return env

@@ -3,10 +3,11 @@
 It resolves the manifest with the operator's own code into the trainer's configuration, starts the
 worker entry point (``python -m finetune_trainer.launch``) with ``nodes x max(gpusPerNode, 1)``
 local ranks (GPUs when there are enough, otherwise CPU processes with gloo), shows progress from
-rank 0's /progress, and ends with the status block the operator would write, computed by the
-operator's own state machine from the workers' exit codes and termination messages. With a store
-folder (``--store DIR``) every rank reads and writes ``s3://bucket/key`` as the file ``DIR/bucket/key``
-(no server, no ports); without one, the spec's own S3 storage is used.
+rank 0's /progress, and after each attempt asks the operator's own state machine, fed with the
+workers' exit codes and termination messages, whether to restart; it ends with the status block the
+operator would write. With a store folder (``--store DIR``) every rank reads and writes
+``s3://bucket/key`` as the file ``DIR/bucket/key`` (no server, no ports); without one, the spec's
+own S3 storage is used.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from finetune_trainer import worker_env
 from finetune_trainer.config import FolderStorageConfig, TrainerConfig
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
 
 from finetune_operator.api.resolve import resolve_trainer_config
 from finetune_operator.api.spec import FinetuneJob, FinetuneJobStatus
@@ -151,14 +153,26 @@ class _Display:
             self.out.write("\n")
 
 
-def final_status(
-    job: FinetuneJob, code: int, message: str, last_progress: dict[str, Any] | None, restarts: int
-) -> dict[str, Any]:
-    """What the operator would write, from the same state machine fed with what this run observed."""
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What one local attempt left behind, as the operator would see it in the pods' status."""
+
+    code: int
+    termination_message: str = ""
+    # Rank 0's last /progress document while training, when it answered.
+    progress: dict[str, Any] | None = None
+    # The user stopped the run (Ctrl-C): it ends whatever the state machine would do next.
+    interrupted: bool = False
+
+
+def after_attempt(
+    job: FinetuneJob, status: FinetuneJobStatus, outcome: AttemptOutcome, now: datetime
+) -> FinetuneJobStatus:
+    """The operator's own decision on a finished attempt, so that restarts follow the same rules
+    (backoffLimit, non-retryable exits, stopped runs) here as on a cluster."""
     assert job.metadata.name is not None
-    status = FinetuneJobStatus(phase="Running", restarts=restarts)
-    if last_progress is not None:
-        reported = progress_status(last_progress)
+    if outcome.progress is not None:
+        reported = progress_status(outcome.progress)
         status = status.model_copy(
             update={
                 "progress": reported.progress,
@@ -167,37 +181,54 @@ def final_status(
             }
         )
     observed = JobObservation(
-        job.metadata.name, job.metadata.namespace or "default", 1, datetime.now(UTC), job, status=status
+        job.metadata.name, job.metadata.namespace or "default", 1, now, job, status=status
     )
     workers = [
         PodObservation(
             name=f"{job.metadata.name}-worker-{rank}",
             node_rank=rank,
-            attempt=restarts,
-            phase="Succeeded" if code == 0 else "Failed",
+            attempt=status.restarts,
+            phase="Succeeded" if outcome.code == 0 else "Failed",
             started=True,
-            exit_code=code,
-            termination_message=message,
+            exit_code=outcome.code,
+            termination_message=outcome.termination_message,
         )
         for rank in range(job.spec.resources.nodes)
     ]
-    decision = decide(observed, workers, datetime.now(UTC))
-    final = {
-        k: v
-        for k, v in decision.status.to_api().items()
-        if v not in (None, [], {}) and k != "observedGeneration"
-    }
-    if final["phase"] == "Restarting":  # the caller restarts; this block is only shown at the end
-        final["phase"] = "Failed"
-    return final
+    return decide(observed, workers, now).status
 
 
-def _launch(
-    plan: LocalPlan, work: Path, env: dict[str, str], out: TextIO
-) -> tuple[int, dict[str, Any] | None]:
-    """One attempt: the worker entry point with every rank on this machine; returns its exit code."""
+def supervise(
+    job: FinetuneJob,
+    attempt: Callable[[], AttemptOutcome],
+    out: TextIO,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> tuple[AttemptOutcome, dict[str, Any]]:
+    """Runs attempts while the state machine says Restarting; returns the last outcome and the status
+    block the operator would write (Failed when the user stopped a run it would have restarted)."""
+    status = FinetuneJobStatus(phase="Running", restarts=0)
+    while True:
+        outcome = attempt()
+        status = after_attempt(job, status, outcome, clock())
+        if status.phase != "Restarting" or outcome.interrupted:
+            break
+        out.write(
+            f"the run failed (exit {outcome.code}); restarting from the newest checkpoint "
+            f"(restart {status.restarts} of {job.spec.run_policy.backoff_limit})\n"
+        )
+    api = status.to_api()
+    block = {k: v for k, v in api.items() if v not in (None, [], {}) and k != "observedGeneration"}
+    if block["phase"] == "Restarting":
+        block["phase"] = "Failed"
+    return outcome, block
+
+
+def _launch(plan: LocalPlan, work: Path, env: dict[str, str], out: TextIO) -> AttemptOutcome:
+    """One attempt: the worker entry point with every rank on this machine."""
     log_path = work / "trainer.log"
-    display, last = _Display(out), None
+    termination = Path(env[worker_env.TERMINATION_MESSAGE_PATH])
+    termination.unlink(missing_ok=True)
+    display, last, interrupted = _Display(out), None, False
     with log_path.open("a") as log:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "finetune_trainer.launch"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -213,13 +244,29 @@ def _launch(
             out.write("\nstopping: the trainer saves a checkpoint first\n")
             launcher.send_signal(signal.SIGTERM)
             launcher.wait()
+            interrupted = True
         display.end()
-    return launcher.returncode, last
+    message = termination.read_text() if termination.exists() else ""
+    return AttemptOutcome(launcher.returncode, message, last, interrupted)
+
+
+def local_environment(plan: LocalPlan, work: Path, master_port: int) -> dict[str, str]:
+    """The worker environment of one node holding every rank, the operator's names with local values."""
+    return worker_env.worker_environment(
+        config_path=str(work / "config.json"),
+        nnodes=1,
+        node_rank=0,
+        nproc_per_node=plan.ranks,
+        master_addr="127.0.0.1",
+        master_port=master_port,
+        termination_message_path=str(work / "termination-log"),
+        workspace=str(work / "workspace"),
+    )
 
 
 def run_local(job: FinetuneJob, store: Path | None, out: TextIO = sys.stdout) -> tuple[int, dict[str, Any]]:
-    """Runs the job here, restarting from the newest checkpoint after retryable failures up to
-    runPolicy.backoffLimit, as the operator would; returns the exit code and the final status."""
+    """Runs the job here, restarting from the newest checkpoint when the operator's state machine
+    would restart the gang; returns the exit code and the final status."""
     if store is not None and not store.is_dir():
         raise LocalRunError(
             f"--store {store}: no such folder; make it and put each bucket in it as a folder "
@@ -230,44 +277,23 @@ def run_local(job: FinetuneJob, store: Path | None, out: TextIO = sys.stdout) ->
     try:
         for note in plan.notes:
             out.write(f"note: {note}\n")
-        config_file = work / "config.json"
-        config_file.write_text(plan.config.to_json())
-        termination = work / "termination-log"
-        env = {
-            **os.environ,
-            "NNODES": "1",
-            "NODE_RANK": "0",
-            "NPROC_PER_NODE": str(plan.ranks),
-            "MASTER_ADDR": "127.0.0.1",
-            "FINETUNE_CONFIG": str(config_file),
-            "TERMINATION_MESSAGE_PATH": str(termination),
-            "FINETUNE_WORKSPACE": str(work / "workspace"),
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
+        (work / "config.json").write_text(plan.config.to_json())
+        inherited = dict(os.environ)
         if not plan.config.distributed.uses_gpus:
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.ranks)))
+            inherited.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.ranks)))
         out.write(
             f"running {job.metadata.name}: {plan.ranks} local rank(s); trainer log: {work / 'trainer.log'}\n"
         )
-        limit = job.spec.run_policy.backoff_limit
-        attempt = 0
-        while True:
-            termination.unlink(missing_ok=True)
-            code, last = _launch(plan, work, {**env, "MASTER_PORT": str(_free_port())}, out)
-            if code in (0, NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE) or attempt >= limit:
-                break
-            attempt += 1
-            out.write(
-                f"the run failed (exit {code}); restarting from the newest checkpoint "
-                f"(restart {attempt} of {limit})\n"
-            )
-        message = termination.read_text() if termination.exists() else ""
-        status = final_status(job, code, message, last, attempt)
-        if code != 0:
+
+        def attempt() -> AttemptOutcome:
+            env = {**inherited, **local_environment(plan, work, _free_port())}
+            return _launch(plan, work, env, out)
+
+        outcome, status = supervise(job, attempt, out)
+        if outcome.code != 0:
             out.write((work / "trainer.log").read_text()[-3000:] + "\n")
         out.write(yaml.safe_dump({"status": status}, sort_keys=False, width=100))
-        return code, status
+        return outcome.code, status
     finally:
         shutil.rmtree(work / "workspace", ignore_errors=True)
 
