@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.spec import FinetuneJobStatus
+from finetune_operator.api.timestamps import format_time
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.controller.observation import PodObservation
 from finetune_operator.controller.state import (
@@ -28,7 +29,7 @@ MANIFEST = minimal_manifest(resources={"nodes": 2, "gpusPerNode": 1}, runPolicy=
 
 
 def ts(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(moment)
 
 
 def job(status: dict[str, Any] | None = None, **run_policy: Any) -> JobObservation:

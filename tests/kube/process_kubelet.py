@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import kmock
+from finetune_operator.api.timestamps import format_time
 from finetune_trainer.launch import descendants
 
 from .client import KubeClient
@@ -58,7 +59,7 @@ class ConfigError(Exception):
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(datetime.datetime.now(datetime.UTC))
 
 
 def _start_time(pid: int) -> str | None:

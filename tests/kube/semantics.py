@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 import yaml
+from finetune_operator.api.timestamps import format_time
 
 Body = dict[str, Any]
 Key = tuple[kmock.resource, str | None, str]  # (resource, namespace or None, name), as in kmock.objects
@@ -156,7 +157,7 @@ def spec_of(obj: Body) -> Body:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(datetime.datetime.now(datetime.UTC))
 
 
 @dataclasses.dataclass(frozen=True)
