@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
 from finetune_trainer.errors import NonRetryableError
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def apply_method(model: PreTrainedModel, config: TrainerConfig) -> PreTrainedMod
     if config.hyperparameters.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if config.method.type in ("lora", "qlora"):
+    if config.method.type in ADAPTER_METHODS:
         model = _apply_lora(model, config)
         if config.hyperparameters.gradient_checkpointing:
             model.enable_input_require_grads()  # LoRA + checkpointing needs grads at the inputs (peft#137)

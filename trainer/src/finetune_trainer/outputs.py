@@ -19,7 +19,7 @@ from typing import Any
 import deepspeed
 import torch.distributed as dist
 
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
 from finetune_trainer.storage import ObjectStore, join_uri
 
 
@@ -33,7 +33,7 @@ def _save_model(config: TrainerConfig, engine: Any, tokenizer: Any, directory: P
         if rank == 0:
             module.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
-            if config.output.save_merged and config.method.type in ("lora", "qlora"):
+            if config.output.save_merged and config.method.type in ADAPTER_METHODS:
                 merged = module.merge_and_unload()
                 merged.save_pretrained(directory / "merged", safe_serialization=True)
                 tokenizer.save_pretrained(directory / "merged")
@@ -116,7 +116,7 @@ def model_card(config: TrainerConfig, metrics: dict[str, float]) -> str:
         *(f"- {name}: {value:.4f}" for name, value in sorted(metrics.items())),
         "",
     ]
-    if config.method.type in ("lora", "qlora"):
+    if config.method.type in ADAPTER_METHODS:
         lines += [
             "## Loading",
             "",
