@@ -45,12 +45,10 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -66,13 +64,13 @@ if str(ROOT) not in sys.path:
 from finetune_operator.api.naming import LABEL_JOB  # noqa: E402
 
 from tests.kube.cluster import GPU_NODES, GPUS_PER_NODE, Identity, RealCluster, chart_rbac, set_up  # noqa: E402
-from tests.kube.controlplane import ControlPlane, free_port, running_control_plane  # noqa: E402
+from tests.kube.controlplane import ControlPlane, running_control_plane  # noqa: E402
 from tests.kube.nodes import NodeAgent, register_node  # noqa: E402
+from tests.kube.operator_process import OperatorProcess  # noqa: E402
 from tests.kube.semantics import FINETUNEJOBS  # noqa: E402
 from tests.test_chart import render  # noqa: E402
 from tests.test_operator import manifest  # noqa: E402
 
-OPERATOR = Path(sys.executable).parent / "finetune-operator"
 NODES_PER_JOB = 2  # manifest()'s default: 2 nodes x 1 GPU
 READY_TIMEOUT = 120.0  # seconds for the operator to start
 TEARDOWN_TIMEOUT = 120.0  # seconds for a round's namespace to go
@@ -182,68 +180,35 @@ class AuditLog:
 # --- Processes ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Operator:
-    """A running ``finetune-operator`` process."""
+def cpu_seconds(operator: OperatorProcess) -> float:
+    """User and system CPU time the operator has used so far (/proc)."""
+    fields = Path(f"/proc/{operator.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    process: subprocess.Popen[bytes]
-    liveness_port: int
-    log: Path
 
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2
-            ) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    def cpu_seconds(self) -> float:
-        """User and system CPU time the operator has used so far (/proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def check_running(self, doing: str) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the operator exited {self.process.returncode} {doing}:\n{self.tail()}")
+def check_running(operator: OperatorProcess, doing: str) -> None:
+    if operator.process.poll() is not None:
+        raise RuntimeError(f"the operator exited {operator.process.returncode} {doing}:\n{operator.tail()}")
 
 
 @contextlib.contextmanager
-def operator_process(kubeconfig: Path, scope: str, log: Path) -> Iterator[Operator]:
+def operator_process(kubeconfig: Path, scope: str, log: Path) -> Iterator[OperatorProcess]:
     """``finetune-operator`` as the kubeconfig's user, ``scope`` its watch flag; stopped at exit."""
-    liveness, metrics = free_port(), free_port()
-    command = [
-        str(OPERATOR),
-        scope,
-        f"--liveness-port={liveness}",
-        f"--metrics-port={metrics}",
-        "--log-format=json",
-    ]
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
-        )
+    log.unlink(missing_ok=True)
+    operator = OperatorProcess(kubeconfig, scope, log)
     try:
-        yield Operator(process, liveness, log)
+        yield operator
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        operator.stop(STOP_GRACE)
 
 
-def wait_until_ready(operator: Operator, audit: AuditLog, user: str, since: float, namespace: str) -> None:
+def wait_until_ready(
+    operator: OperatorProcess, audit: AuditLog, user: str, since: float, namespace: str
+) -> None:
     """Liveness answers 200 and the operator watches FinetuneJobs and pods (in ``namespace``, "" for all)."""
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
-        operator.check_running("at startup")
+        check_running(operator, "at startup")
         audit.read()
         watching = {
             r.resource
@@ -395,7 +360,7 @@ def run_round(setup: Setup, namespace: str, args: argparse.Namespace, work: Path
         wait_until_ready(operator, setup.audit, setup.user, started, watched)
         applied, kubectl_ended, pods = apply_and_follow(setup, namespace, jobs, args)
         time.sleep(max(max(pod.created for pod in pods.values()) + args.settle - time.time(), 0.0))
-        settled, operator_cpu = time.time(), operator.cpu_seconds()
+        settled, operator_cpu = time.time(), cpu_seconds(operator)
         teardown(setup.cluster, namespace, jobs, operator)
         torn_down = time.time()
     setup.audit.read()
@@ -420,7 +385,7 @@ def apply_and_follow(
         return applied, apply.result(), pods
 
 
-def teardown(cluster: RealCluster, namespace: str, jobs: Path, operator: Operator) -> None:
+def teardown(cluster: RealCluster, namespace: str, jobs: Path, operator: OperatorProcess) -> None:
     """`kubectl delete` the jobs, wait until the operator has let them go (its finalizers), then delete the
     namespace; a node agent completes the pods' graceful deletion meanwhile.
 
@@ -432,7 +397,7 @@ def teardown(cluster: RealCluster, namespace: str, jobs: Path, operator: Operato
 
     def wait(what: str, gone: Callable[[], bool]) -> None:
         while not gone():
-            operator.check_running("during the teardown")
+            check_running(operator, "during the teardown")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} still there after {TEARDOWN_TIMEOUT} s")
             time.sleep(0.1)

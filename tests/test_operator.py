@@ -18,14 +18,13 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import kopf
 import pytest
-from finetune_operator.controller.handlers import OperatorContext, post_event, registry
+from finetune_operator.controller.handlers import registry
 from finetune_operator.controller.kube import KubeApi
 from finetune_operator.controller.manifests import WorkerSettings
 from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.controller.progress import ProgressPoller
-from finetune_operator.controller.reconciler import Reconciler
+from finetune_operator.controller.runner import operator_memo
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
 
 from tests.kube import pods as kubelet
@@ -139,9 +138,8 @@ async def operator(
     """The operator as the runner builds it, logged in as ``identity``, watching ``namespace``."""
     metrics = OperatorMetrics()
     poller = ProgressPoller(interval=0.2, rate=100, timeout=0.5, port=1)  # nothing answers: no progress
-    api = KubeApi(identity.api_client())
-    reconciler = Reconciler(api, WorkerSettings(default_image="trainer:test"), metrics, post_event, poller)
-    memo = kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=0.5))
+    settings = WorkerSettings(default_image="trainer:test")
+    memo = operator_memo(KubeApi(identity.api_client()), settings, metrics, poller, resync_seconds=0.5)
     connection = identity.connection(cluster.url, cluster.ca_path)
     async with running_operator(connection, registry, namespaces=[namespace], memo=memo):
         yield metrics

@@ -17,14 +17,13 @@ from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import kopf
 import pytest
-from finetune_operator.controller.handlers import OperatorContext, post_event, registry
+from finetune_operator.controller.handlers import registry
 from finetune_operator.controller.kube import KubeApi, load_api_client
 from finetune_operator.controller.manifests import WorkerSettings
 from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.controller.progress import ProgressPoller
-from finetune_operator.controller.reconciler import Reconciler
+from finetune_operator.controller.runner import operator_memo
 
 from tests.kube import pods as kubelet
 from tests.kube.emulator import KubeEmulator
@@ -42,14 +41,8 @@ async def operator(url: str, progress_port: int = 1) -> AsyncIterator[OperatorMe
     """The operator as the runner builds it; progress polls go to 127.0.0.1:progress_port quickly."""
     metrics = OperatorMetrics()
     poller = ProgressPoller(interval=0.2, rate=100, timeout=0.5, port=progress_port)
-    reconciler = Reconciler(
-        KubeApi(load_api_client(url)),
-        WorkerSettings(default_image="trainer:test"),
-        metrics,
-        post_event,
-        poller,
-    )
-    memo = kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=0.5))
+    settings = WorkerSettings(default_image="trainer:test")
+    memo = operator_memo(KubeApi(load_api_client(url)), settings, metrics, poller, resync_seconds=0.5)
     async with running_operator(url, registry, namespaces=[NS], memo=memo):
         yield metrics
 

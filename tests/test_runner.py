@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,17 +20,10 @@ import pytest
 from tests.kube import pods as kubelet
 from tests.kube.client import resource_path
 from tests.kube.cluster import Identity, RealCluster, chart_rbac
+from tests.kube.operator_process import OPERATOR, OperatorProcess
 from tests.kube.semantics import FINETUNEJOBS
 from tests.test_chart import CHART_DIR, render
 from tests.test_operator import Job
-
-OPERATOR = str(Path(sys.executable).parent / "finetune-operator")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -44,30 +34,6 @@ def _get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-class OperatorProcess:
-    """One `finetune-operator` process, its ports and its log."""
-
-    def __init__(self, identity: Identity, scope: str, log: Path, env: dict[str, str] | None = None) -> None:
-        """``scope``: ``--namespace=NS`` or ``--all-namespaces``; ``env``: more settings, as the chart's."""
-        self.liveness, self.metrics = _free_port(), _free_port()
-        self.log = log
-        command = [
-            OPERATOR,
-            scope,
-            f"--liveness-port={self.liveness}",
-            f"--metrics-port={self.metrics}",
-            "--default-image=registry.example/trainer:9",
-            "--log-format=json",
-            "--resync-seconds=1",
-        ]
-        environment = {**os.environ, **(env or {}), "KUBECONFIG": str(identity.kubeconfig)}
-        with log.open("a") as output:
-            self.process = subprocess.Popen(command, env=environment, stdout=output, stderr=subprocess.STDOUT)
-
-    def lines(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if line.strip()]
-
-
 @contextlib.asynccontextmanager
 async def operator_process(
     identity: Identity, namespace: str | None, log: Path, env: dict[str, str] | None = None
@@ -75,13 +41,12 @@ async def operator_process(
     """Runs the operator (on one namespace, or all when None) until the block exits, then stops it
     with SIGTERM."""
     scope = f"--namespace={namespace}" if namespace else "--all-namespaces"
-    operator = OperatorProcess(identity, scope, log, env)
+    flags = ["--default-image=registry.example/trainer:9", "--resync-seconds=1"]
+    operator = OperatorProcess(identity.kubeconfig, scope, log, args=flags, env=env)
     try:
         yield operator
     finally:
-        if operator.process.poll() is None:
-            operator.process.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(operator.process.wait, 20)
+        await asyncio.to_thread(operator.stop)
 
 
 @pytest.mark.asyncio

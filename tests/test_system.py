@@ -18,14 +18,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import kopf
 import pytest
-from finetune_operator.controller.handlers import OperatorContext, post_event, registry
+from finetune_operator.controller.handlers import registry
 from finetune_operator.controller.kube import KubeApi
 from finetune_operator.controller.manifests import WorkerSettings
 from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.controller.progress import ProgressPoller
-from finetune_operator.controller.reconciler import Reconciler
+from finetune_operator.controller.runner import operator_memo
 from finetune_trainer.summary import STOPPED_EXIT_CODE, parse_termination_message
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,12 +81,6 @@ def manifest(name: str, endpoint: str, max_steps: int, every: int) -> dict[str, 
     )
 
 
-def _reconciler(identity: Identity) -> Reconciler:
-    settings = WorkerSettings(default_image="trainer:test", termination_grace_seconds=GRACE_SECONDS)
-    poller = ProgressPoller(interval=1.0)  # worker 0's /progress, at 127.0.0.1:29600
-    return Reconciler(KubeApi(identity.api_client()), settings, OperatorMetrics(), post_event, poller)
-
-
 class System(NamedTuple):
     kube: KubeClient
     kubelet: ProcessKubelet
@@ -109,8 +102,10 @@ def system(
         kube = control_plane.admin
         secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
         kube.create_object("v1/secrets", {"metadata": {"name": "s3-creds"}, "stringData": secret}, namespace)
-        context = OperatorContext(reconciler=_reconciler(operator_identity), resync_seconds=0.5)
-        memo = kopf.Memo(context=context)
+        settings = WorkerSettings(default_image="trainer:test", termination_grace_seconds=GRACE_SECONDS)
+        poller = ProgressPoller(interval=1.0)  # worker 0's /progress, at 127.0.0.1:29600
+        api = KubeApi(operator_identity.api_client())
+        memo = operator_memo(api, settings, OperatorMetrics(), poller, resync_seconds=0.5)
         connection = operator_identity.connection(control_plane.url, control_plane.ca_path)
         async with running_operator(connection, registry, namespaces=[namespace], memo=memo) as operator:
             async with ProcessKubelet(kube, tmp_path / "pods", namespace, node=PROCESS_NODE) as kubelet:

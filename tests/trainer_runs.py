@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,14 +18,9 @@ from finetune_trainer.config import TrainerConfig
 from finetune_trainer.summary import TerminationSummary, parse_termination_message
 from finetune_trainer.tiny import build_tiny_model, demo_rows
 
+from tests.kube.controlplane import free_port
 from tests.manifests import minimal_manifest
 from tests.s3server import REGION, s3_env
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def s3_client(endpoint: str) -> Any:

@@ -40,10 +40,8 @@ def register_node(
     kube.create_object(NODES, {"metadata": metadata})
     capacity = {"cpu": "64", "memory": "512Gi", "pods": "250", GPU: str(gpus)}
     ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated"}
-    kube.patch_object(
-        NODES, None, name, {"status": {"capacity": capacity, "allocatable": capacity, "conditions": [ready]}},
-        sub="status",
-    )  # fmt: skip
+    status = {"capacity": capacity, "allocatable": capacity, "conditions": [ready]}
+    kube.patch_object(NODES, None, name, {"status": status}, sub="status")
     # Admission gave the new node the not-ready taint; the node lifecycle controller (not run here, so
     # that nothing evicts simulated pods) would lift it once Ready.
     kube.patch_object(NODES, None, name, {"spec": {"taints": taints or None}})

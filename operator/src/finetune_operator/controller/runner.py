@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def operator_memo(
+    api: KubeApi,
+    settings: WorkerSettings,
+    metrics: OperatorMetrics,
+    poller: ProgressPoller,
+    resync_seconds: float,
+) -> kopf.Memo:
+    """What the kopf handlers run on: the reconciler over the API. The tests build the operator
+    through this too, so that what they run is what this runner runs."""
+    reconciler = Reconciler(api, settings, metrics, post_event, poller)
+    return kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=resync_seconds))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kopf.configure(
@@ -103,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_image=args.default_image, termination_grace_seconds=args.termination_grace_seconds
     )
     poller = ProgressPoller(interval=args.progress_interval, rate=args.progress_rate)
-    reconciler = Reconciler(KubeApi(load_api_client()), settings, metrics, post_event, poller)
-    memo = kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=args.resync_seconds))
+    memo = operator_memo(KubeApi(load_api_client()), settings, metrics, poller, args.resync_seconds)
     try:
         asyncio.run(
             kopf.operator(
