@@ -76,6 +76,7 @@ MAPPED_SECTIONS: list[tuple[type[spec.SpecModel], type[BaseModel]]] = [
     (spec.StorageSpec, contract.S3StorageConfig),
     (spec.OutputSpec, contract.OutputConfig),
     (spec.EvaluationSpec, contract.EvaluationConfig),
+    (spec.RunPolicySpec, contract.RunPolicyConfig),
 ]
 
 

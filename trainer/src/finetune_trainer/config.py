@@ -34,6 +34,9 @@ MethodType = Literal["full", "lora", "qlora", "freeze"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "cpu"]
+# What a loss that is NaN or infinite does: fail the job (a restart would diverge the same way from the
+# same checkpoint) or restart the gang from the newest checkpoint (for runs that diverge by chance).
+NonFiniteLossPolicy = Literal["fail", "restart"]
 
 # The methods that train adapters (and so have lora settings); the CRD's CEL rules are written from it.
 ADAPTER_METHODS: tuple[MethodType, ...] = ("lora", "qlora")
@@ -211,6 +214,15 @@ class DistributedConfig(ContractModel):
         return self.nodes * self.processes_per_node
 
 
+class RunPolicyConfig(ContractModel):
+    """How a rank decides that its run is broken rather than slow."""
+
+    # No optimizer step for this long: every rank's stack goes to its log and the run exits retryable
+    # (reason Stalled). None: derived from the measured step time (see finetune_trainer.gang).
+    stall_timeout_seconds: Annotated[int, Field(ge=1)] | None
+    non_finite_loss: NonFiniteLossPolicy
+
+
 class ReportingConfig(ContractModel):
     progress_port: Annotated[int, Field(ge=1, le=65535)]
     termination_message_path: str
@@ -230,6 +242,7 @@ class TrainerConfig(ContractModel):
     storage: StorageConfig
     output: OutputConfig
     evaluation: EvaluationConfig
+    run_policy: RunPolicyConfig
     reporting: ReportingConfig
 
     @model_validator(mode="after")

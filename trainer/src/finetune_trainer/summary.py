@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,23 @@ STOPPED_EXIT_CODE = 143
 
 TERMINATION_MESSAGE_LIMIT = 4096
 
+# Reasons a failure carries beyond its exit class; the operator uses them as condition reasons.
+STALLED = "Stalled"  # no optimizer step within runPolicy.stallTimeoutSeconds (retryable)
+NON_FINITE_LOSS = "NonFiniteLoss"  # the training loss became NaN or infinite
+
+
+def finite_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """The finite numbers of ``metrics`` and a note for each value left out: JSON has no NaN, and one
+    such value must not make a whole summary, /progress document or metrics file unreadable."""
+    kept: dict[str, float] = {}
+    notes: list[str] = []
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            notes.append(f"{name} omitted: {value!r} is not a finite number")
+        else:
+            kept[name] = float(value)
+    return kept, notes
+
 
 class TerminationSummary(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="ignore")
@@ -35,9 +53,25 @@ class TerminationSummary(BaseModel):
     outcome: Literal["succeeded", "failed", "stopped"]
     retryable: bool = True
     error: str = ""
+    # Why, where the exit class alone does not say it: STALLED, NON_FINITE_LOSS.
+    reason: str = ""
+    # The global rank whose failure this is (this rank's own, or the one whose failure ended it).
+    rank: int | None = None
+    # This node ended because another rank failed: the cause is in that rank's summary.
+    collateral: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
+    # What was left out of ``metrics`` (non-finite values) and why.
+    notes: list[str] = Field(default_factory=list)
     output_model: str = ""
     step: int | None = None
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _finite_only(cls, value: Any) -> Any:
+        """A summary with a NaN metric (or a null, as JSON writes NaN) keeps everything else."""
+        if not isinstance(value, dict):
+            return {}
+        return finite_metrics(value)[0]
 
     def to_message(self) -> str:
         """JSON within the 4 KB Kubernetes keeps; a long error is shortened, never the JSON cut."""

@@ -20,6 +20,9 @@ RENDEZVOUS_TIMEOUT_SECONDS = "RENDEZVOUS_TIMEOUT_SECONDS"
 DEEPSPEED_TIMEOUT = "DEEPSPEED_TIMEOUT"
 TERMINATION_MESSAGE_PATH = "TERMINATION_MESSAGE_PATH"
 FINETUNE_WORKSPACE = "FINETUNE_WORKSPACE"
+# The seconds a stop (SIGTERM) may take: a rank still running after them ends itself (see gang.py),
+# so it is the pod's terminationGracePeriodSeconds less a margin for the kubelet.
+STOP_GRACE_SECONDS = "STOP_GRACE_SECONDS"
 # Only in pods, whose root filesystem is read-only: the scratch folders under the workspace.
 SCRATCH_DIRS = {"HOME": "home", "TMPDIR": "tmp", "HF_HOME": "hf"}
 # Only in pods, as Kubernetes references rather than values (the downward API, the job's Secret).
@@ -30,6 +33,9 @@ OPTIONAL_CREDENTIALS = ("AWS_SESSION_TOKEN",)
 DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 1800
 DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES = 30
 DEFAULT_WORKSPACE = "/workspace"
+DEFAULT_STOP_GRACE_SECONDS = 300
+# What a rank keeps of the grace period for ending itself after a stop it could not finish.
+STOP_GRACE_MARGIN_SECONDS = 10
 
 
 def worker_environment(
@@ -45,6 +51,7 @@ def worker_environment(
     scratch_in_workspace: bool = False,
     rendezvous_timeout_seconds: int = DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS,
     process_group_timeout_minutes: int = DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES,
+    stop_grace_seconds: int = DEFAULT_STOP_GRACE_SECONDS,
 ) -> dict[str, str]:
     """The plain-valued variables of one node, the same names wherever it runs."""
     env = {
@@ -59,6 +66,7 @@ def worker_environment(
         # A rank that sees a peer's NCCL failure aborts instead of hanging until the timeout.
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         TERMINATION_MESSAGE_PATH: termination_message_path,
+        STOP_GRACE_SECONDS: str(stop_grace_seconds),
         FINETUNE_WORKSPACE: workspace,
         # Models come from the job's storage, never from the Hub.
         "HF_HUB_OFFLINE": "1",

@@ -31,6 +31,7 @@ from finetune_trainer.config import (
     ModelSource,
     OutputConfig,
     ReportingConfig,
+    RunPolicyConfig,
     S3StorageConfig,
     TrainerConfig,
 )
@@ -43,6 +44,7 @@ from finetune_operator.api.spec import (
     HyperparametersSpec,
     LoraSpec,
     ResourcesSpec,
+    RunPolicySpec,
     SpecModel,
     StorageSpec,
 )
@@ -62,7 +64,10 @@ RENAMED: dict[type[SpecModel], dict[str, str]] = {
 # Spec fields the trainer never sees: they choose, place and authorise the pods and the job's lifecycle,
 # not what a training process does (and credentials must never be written into the config).
 OPERATOR_ONLY: dict[type[SpecModel], frozenset[str]] = {
-    FinetuneJobSpec: frozenset({"image", "run_policy"}),
+    FinetuneJobSpec: frozenset({"image"}),
+    RunPolicySpec: frozenset(
+        {"backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished", "suspend"}
+    ),
     ResourcesSpec: frozenset(
         {
             "cpu",
@@ -143,6 +148,11 @@ def resolve_trainer_config(
             EvaluationConfig,
             spec.evaluation,
             every_steps=spec.evaluation.every_steps if dataset.has_eval else None,
+        ),
+        run_policy=_copy(
+            RunPolicyConfig,
+            spec.run_policy,
+            stall_timeout_seconds=spec.run_policy.stall_timeout_seconds or None,
         ),
         reporting=ReportingConfig(
             progress_port=PROGRESS_PORT, termination_message_path=termination_message_path

@@ -419,6 +419,17 @@ class RunPolicySpec(SpecModel):
         description="true deletes the workers and keeps everything in S3; false resumes from the newest "
         "complete checkpoint. Queueing systems such as Kueue set this.",
     )
+    stall_timeout_seconds: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = Field(
+        default=0,
+        description="Seconds without an optimizer step (or evaluation or checkpoint progress) after which "
+        "every rank's stack is logged and the gang restarts with reason Stalled; 0: derived from the "
+        "measured step time (ten times the slowest step, at least 10 minutes).",
+    )
+    non_finite_loss: Literal["fail", "restart"] = Field(
+        default="fail",
+        description="What a NaN or infinite training loss does (reason NonFiniteLoss; the newest good "
+        "checkpoint is kept): fail the job, or restart the gang from the newest checkpoint.",
+    )
 
 
 class FinetuneJobSpec(SpecModel):
