@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from finetune_trainer.config import TrainerConfig
 from finetune_trainer.deepspeed_config import build_deepspeed_config, merge
 from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.evaluation import classification_metrics
+from finetune_trainer.gang import Gang
 from finetune_trainer.launch import exit_code
 from finetune_trainer.modeling import _quantization
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
@@ -136,13 +138,15 @@ def test_qlora_without_a_gpu_is_a_clear_non_retryable_error(monkeypatch: pytest.
         _quantization(gpu_job)
 
 
-def test_early_stopping_counts_evaluations_without_improvement(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_early_stopping_counts_evaluations_without_improvement(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from finetune_trainer import recipe
 
     losses = iter([2.0, 1.5, 1.6, 1.55, 1.7])
     monkeypatch.setattr(recipe, "evaluate", lambda *_args, **_kwargs: {"evalLoss": next(losses)})
     job = config(dataset={"evalSplit": 0.1}, hyperparameters={"earlyStopping": {"patience": 3}})
-    loop = recipe.FinetuneRecipe(job, stop_requested=lambda: False)
+    loop = recipe.FinetuneRecipe(job, Gang(0, tmp_path, stop_grace_seconds=10, stall_timeout_seconds=None))
     loop.ranks = recipe.Ranks(0, 0, 1, torch.device("cpu"))
     loop.engine, loop.eval_examples, loop.labels = None, [], None
     loop.tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()

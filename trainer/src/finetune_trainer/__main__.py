@@ -1,7 +1,9 @@
 """``python -m finetune_trainer --config FILE``: one rank of a fine-tuning run.
 
-Exit codes: 0 done, STOPPED_EXIT_CODE when SIGTERM stopped it after a checkpoint,
-NON_RETRYABLE_EXIT_CODE for errors no restart can fix, 1 for anything else.
+Exit codes: 0 done, STOPPED_EXIT_CODE when SIGTERM or SIGINT stopped it (after a checkpoint once
+training has begun), NON_RETRYABLE_EXIT_CODE for errors no restart can fix, 1 for anything else. A
+failing rank ends at once and so does every other rank of the gang (see gang.py); each leaves its
+summary for the node's launcher.
 """
 
 from __future__ import annotations
@@ -9,20 +11,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from finetune_trainer.config import DEFAULT_TERMINATION_MESSAGE_PATH, load_trainer_config
-from finetune_trainer.summary import (
-    NON_RETRYABLE_EXIT_CODE,
-    STOPPED_EXIT_CODE,
-    TerminationSummary,
-    write_termination_message,
+from finetune_trainer.config import load_trainer_config
+from finetune_trainer.gang import Gang
+from finetune_trainer.summary import TerminationSummary, finite_metrics
+from finetune_trainer.worker_env import (
+    DEFAULT_STOP_GRACE_SECONDS,
+    DEFAULT_WORKSPACE,
+    FINETUNE_WORKSPACE,
+    STOP_GRACE_SECONDS,
 )
-from finetune_trainer.worker_env import TERMINATION_MESSAGE_PATH
 
 logger = logging.getLogger("finetune_trainer")
 
@@ -41,43 +43,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the trainer configuration (JSON) the operator wrote")
     args = parser.parse_args(argv)
     _configure_logging()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    rank = int(os.environ.get("RANK", "0"))
+    workspace = Path(os.environ.get(FINETUNE_WORKSPACE, DEFAULT_WORKSPACE))
+    grace = int(os.environ.get(STOP_GRACE_SECONDS, DEFAULT_STOP_GRACE_SECONDS))
     try:
         config = load_trainer_config(args.config)
     except (OSError, ValueError) as error:
-        return _finish(
-            None, TerminationSummary(outcome="failed", retryable=False, error=f"bad configuration: {error}")
-        )
+        gang = Gang(rank, workspace / "summaries", grace, None)
+        gang.fail(TerminationSummary(outcome="failed", retryable=False, error=f"bad configuration: {error}"))
+    gang = Gang(rank, workspace / "summaries", grace, config.run_policy.stall_timeout_seconds)
+    gang.start()
     # Imported here: the heavy stack (torch, deepspeed) loads only once the configuration is valid.
     from finetune_trainer.errors import NonRetryableError
+    from finetune_trainer.gang import is_peer_gone
     from finetune_trainer.recipe import run
     from finetune_trainer.training_support import NonRetryableFailures
 
     try:
-        result = run(config, stop.is_set)
+        result = run(config, gang)
     except NonRetryableFailures as error:
         logger.error("%s", error)
         message = str(error) if isinstance(error, NonRetryableError) else f"{type(error).__name__}: {error}"
-        return _finish(config, TerminationSummary(outcome="failed", retryable=False, error=message))
+        reason = getattr(error, "reason", "")
+        gang.fail(TerminationSummary(outcome="failed", retryable=False, error=message, reason=reason))
     except Exception as error:
         logger.error("training failed:\n%s", traceback.format_exc())
-        return _finish(config, TerminationSummary(outcome="failed", error=f"{type(error).__name__}: {error}"))
+        summary = TerminationSummary(
+            outcome="failed", error=f"{type(error).__name__}: {error}", reason=getattr(error, "reason", "")
+        )
+        gang.fail(summary, echo=is_peer_gone(error))
+    metrics, notes = finite_metrics(result.metrics)
     summary = TerminationSummary(
-        outcome=result.outcome, metrics=result.metrics, output_model=result.output_model, step=result.step
+        outcome=result.outcome,
+        metrics=metrics,
+        notes=notes,
+        output_model=result.output_model,
+        step=result.step,
     )
-    return _finish(config, summary)
-
-
-def _finish(config: object, summary: TerminationSummary) -> int:
-    """Local rank 0 leaves the node's summary in the termination-message file for the operator."""
-    path = getattr(getattr(config, "reporting", None), "termination_message_path", None)
-    path = os.environ.get(TERMINATION_MESSAGE_PATH, path or DEFAULT_TERMINATION_MESSAGE_PATH)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        write_termination_message(path, summary)
-    if summary.outcome == "failed":
-        return 1 if summary.retryable else NON_RETRYABLE_EXIT_CODE
-    return STOPPED_EXIT_CODE if summary.outcome == "stopped" else 0
+    return gang.finish(summary)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ Workers that start before worker 0 has an address would otherwise die on "host n
 headless Service publishes not-ready pods, so the name appears as soon as worker 0 is scheduled.
 No ssh and no shell: torchrun's static rendezvous on worker 0, started with an argv list, as a
 child so that the reserved non-retryable exit code survives torchrun (which reports 1 for any
-failed rank).
+failed rank): each rank leaves a summary (see gang.py) and the launcher writes the node's one summary,
+the failure's cause rather than its echoes, into the pod's termination message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +26,9 @@ from finetune_trainer import worker_env as names
 from finetune_trainer.config import DEFAULT_TERMINATION_MESSAGE_PATH
 from finetune_trainer.summary import (
     NON_RETRYABLE_EXIT_CODE,
-    STOPPED_EXIT_CODE,
     TerminationSummary,
-    parse_termination_message,
+    node_summary,
+    read_rank_summaries,
     write_termination_message,
 )
 
@@ -103,18 +105,25 @@ def main() -> int:
         return _fail(
             f"worker 0 ({env[names.MASTER_ADDR]}) did not resolve within {timeout:.0f}s", termination_log
         )
-    return run_torchrun(torchrun_argv(env), termination_log)
+    summaries = rank_summary_dir(env)
+    shutil.rmtree(summaries, ignore_errors=True)  # a local rerun reuses the workspace
+    return run_torchrun(torchrun_argv(env), termination_log, summaries, int(env[names.NPROC_PER_NODE]))
 
 
-def run_torchrun(argv: list[str], termination_log: str) -> int:
+def rank_summary_dir(env: Mapping[str, str]) -> Path:
+    """Where this node's ranks leave their summaries: the node's workspace."""
+    return Path(env.get(names.FINETUNE_WORKSPACE, names.DEFAULT_WORKSPACE)) / "summaries"
+
+
+def run_torchrun(argv: list[str], termination_log: str, summaries: Path, ranks: int) -> int:
     """Runs torchrun with SIGTERM going straight to the trainer ranks, and returns the pod's exit code.
 
     torchrun would answer SIGTERM by killing its ranks 30 seconds later; the ranks need the pod's
     whole grace period to finish a checkpoint. So torchrun ignores SIGTERM (an ignored signal stays
     ignored across exec, and ``--signals-to-handle`` keeps it from installing a handler), and the
     launcher passes SIGTERM to torchrun's descendants, where each rank's own handler catches it.
-    torchrun also reports any failed rank as exit 1, which would hide the reserved code; the summary
-    local rank 0 wrote says what happened.
+    torchrun also reports any failed rank as exit 1, which would hide the reserved code; the ranks'
+    summaries say what happened.
     """
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     child = subprocess.Popen(argv)
@@ -127,11 +136,9 @@ def run_torchrun(argv: list[str], termination_log: str) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     code = child.wait()
-    try:
-        with open(termination_log, encoding="utf-8") as log:
-            summary = parse_termination_message(log.read())
-    except OSError:
-        summary = None
+    summary = node_summary(read_rank_summaries(summaries), ranks)
+    if summary is not None:
+        write_termination_message(termination_log, summary)
     return exit_code(code, summary)
 
 
@@ -151,13 +158,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def exit_code(torchrun_code: int, summary: TerminationSummary | None) -> int:
-    """The pod's exit code from torchrun's and the summary of local rank 0."""
-    if summary is not None and summary.outcome == "stopped":
-        return STOPPED_EXIT_CODE
-    if torchrun_code == 0:
-        return 0
-    if summary is not None and not summary.retryable:
-        return NON_RETRYABLE_EXIT_CODE
+    """The pod's exit code from torchrun's and the node's summary (the summary's verdict wins, except
+    that a run whose ranks all succeeded but whose torchrun failed afterwards is not a success)."""
+    if summary is not None and not (summary.outcome == "succeeded" and torchrun_code != 0):
+        return summary.exit_code()
     return torchrun_code if torchrun_code > 0 else 128 - torchrun_code
 
 

@@ -20,6 +20,7 @@ import deepspeed
 import torch.distributed as dist
 
 from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
+from finetune_trainer.fault_injection import fault_point
 from finetune_trainer.storage import ObjectStore, join_uri
 
 
@@ -147,9 +148,10 @@ def write_outputs(
     _save_model(config, engine, tokenizer, directory / "model", rank)
     if rank == 0:
         store.upload_directory(directory / "model", model_uri)
+        fault_point("outputs")
         documents = {
             "metrics.json": (
-                json.dumps({"final": final_metrics, "history": history}, indent=2).encode(),
+                json.dumps({"final": final_metrics, "history": history}, indent=2, allow_nan=False).encode(),
                 "application/json",
             ),
             "config.json": (config.to_json().encode(), "application/json"),

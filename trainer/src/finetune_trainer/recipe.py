@@ -6,19 +6,21 @@ ranks), so it cannot be tested with several ranks on CPU, and its loop hides wha
 control: collective agreement on stopping, background checkpoint uploads, and no host sync per step.
 
 Every rank runs ``run()``, which drives ``FinetuneRecipe`` the way a torchtune recipe is driven:
-``setup()`` fetches the inputs (one download per node), prepares the data, builds the model for the
-method and resumes from the newest complete checkpoint; ``train()`` is the loop, with periodic
-evaluation, checkpoints and progress reports; ``save_outputs()`` writes the model and its metrics to
-S3; ``cleanup()`` stops the progress server. The generic parts live in ``training_support.py``.
+``setup()`` fetches the inputs (one download per node) and checks that the output is writable before
+any collective exists, joins the ranks, prepares the data, builds the model for the method and
+resumes from the newest complete checkpoint; ``train()`` is the loop, with periodic evaluation,
+checkpoints, progress reports and the NaN check; ``save_outputs()`` writes the model and its metrics
+to S3; ``cleanup()`` stops the progress server. A failure on any rank ends the gang (gang.py); the
+generic parts live in ``training_support.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,24 +30,34 @@ import torch.distributed as dist
 
 from finetune_trainer import data
 from finetune_trainer.checkpointing import Checkpointer
-from finetune_trainer.collectives import any_rank
+from finetune_trainer.collectives import any_rank, every_rank
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
+from finetune_trainer.errors import NonRetryableError, RetryableError
 from finetune_trainer.evaluation import LabelSet, evaluate
+from finetune_trainer.fault_injection import fault_point
+from finetune_trainer.gang import Gang
 from finetune_trainer.modeling import load_model, load_tokenizer
 from finetune_trainer.outputs import write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer
-from finetune_trainer.storage import ObjectStore, parse_s3_uri
+from finetune_trainer.storage import (
+    AccessDeniedError,
+    ObjectNotFoundError,
+    ObjectStore,
+    join_uri,
+    parse_s3_uri,
+)
+from finetune_trainer.summary import NON_FINITE_LOSS, finite_metrics
 from finetune_trainer.training_support import (
     Plan,
     Ranks,
     build_engine,
+    gang_store,
     init_distributed,
     make_plan,
     micro_batches,
     optimizer_step,
     reseed,
-    together,
 )
 from finetune_trainer.worker_env import DEFAULT_WORKSPACE, FINETUNE_WORKSPACE
 
@@ -101,10 +113,10 @@ class FinetuneRecipe:
     checkpointer: Checkpointer
     log_every: int
 
-    def __init__(self, config: TrainerConfig, stop_requested: Callable[[], bool]) -> None:
+    def __init__(self, config: TrainerConfig, gang: Gang) -> None:
         self.config = config
         self.hp = config.hyperparameters
-        self.stop_requested = stop_requested
+        self.gang = gang
         self.workspace = Path(os.environ.get(FINETUNE_WORKSPACE, DEFAULT_WORKSPACE))
         self.progress = Progress()
         self.server: ProgressServer | None = None
@@ -119,18 +131,21 @@ class FinetuneRecipe:
     # --- setup ------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Joins the ranks, fetches and prepares the inputs, builds the engine and resumes."""
+        """Fetches the inputs, joins the ranks, prepares the data, builds the engine and resumes."""
         config = self.config
-        self.ranks = ranks = init_distributed(config)
+        self.gang.attach_store(gang_store())
         self.store = ObjectStore.from_config(config.storage)
-        if ranks.rank == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             self.server = ProgressServer(self.progress, config.reporting.progress_port).start()
         inputs = self._fetch_inputs()
-        self.tokenizer = together(ranks, lambda: load_tokenizer(inputs.model_dir, config))
-        self.train_examples, self.eval_examples = together(ranks, lambda: self._prepare_data(inputs))
-        self.plan = together(ranks, lambda: make_plan(config, len(self.train_examples), ranks.world_size))
+        # The rendezvous waits for every rank, so it also waits for each node's download.
+        self.ranks = ranks = init_distributed(config)
+        self.tokenizer = load_tokenizer(inputs.model_dir, config)
+        self.train_examples, self.eval_examples = self._prepare_data(inputs)
+        self.plan = make_plan(config, len(self.train_examples), ranks.world_size)
         reseed(self.hp.seed, ranks.rank, 0)
-        model = together(ranks, lambda: load_model(inputs.model_dir, config))
+        model = load_model(inputs.model_dir, config)
+        fault_point("engine")
         self.engine = build_engine(config, model, self.plan, ranks)
         self.checkpointer = Checkpointer(
             self.store,
@@ -142,14 +157,17 @@ class FinetuneRecipe:
             keep=config.output.keep_checkpoints,
             device=ranks.device,
         )
-        client_state = together(ranks, lambda: self.checkpointer.resume(self.engine)) or {}
+        fault_point("resume")
+        client_state = self.checkpointer.resume(self.engine) or {}
         self.state = LoopState.from_client_state(client_state)
         is_classification = config.dataset.format == "classification"
         self.labels = LabelSet.from_examples(self.train_examples) if is_classification else None
         self.log_every = max(1, min(10, self.plan.total_steps // 20))
 
     def _fetch_inputs(self) -> Inputs:
-        """One download per node (local rank 0); the other local ranks wait for it."""
+        """One download per node (local rank 0), then a write to the output location, both before the
+        first collective: a missing input or a refused output fails this rank with the URI in its
+        message, and no other rank is left waiting in a collective for it."""
         dataset = self.config.dataset
 
         def local_path(uri: str, name: str) -> Path:
@@ -161,16 +179,28 @@ class FinetuneRecipe:
             eval_file=local_path(dataset.eval, "eval") if dataset.eval else None,
         )
 
-        def download() -> None:
-            if self.ranks.local_rank != 0:
-                return
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            fault_point("fetch")
             self.store.download_prefix(self.config.model.uri, inputs.model_dir)
             self.store.download_file(dataset.train, inputs.train_file)
             if dataset.eval and inputs.eval_file:
                 self.store.download_file(dataset.eval, inputs.eval_file)
-
-        together(self.ranks, download)
+            self._check_output_writable()
+        fault_point("before-rendezvous")
         return inputs
+
+    def _check_output_writable(self) -> None:
+        """Writes and removes a small object under the output URI, as checkpoints will."""
+        output = self.config.output.uri
+        probe = join_uri(output, ".write-check", f"node-{os.environ.get('GROUP_RANK', '0')}")
+        try:
+            self.store.put_bytes(join_uri(probe, "probe"), b"finetune write check\n")
+            self.store.delete_prefix(probe)
+        except (ObjectNotFoundError, AccessDeniedError) as error:
+            raise NonRetryableError(
+                f"output.uri {output}: cannot write there ({error}); check the bucket exists and the "
+                "job's credentials may write to it"
+            ) from error
 
     def _prepare_data(self, inputs: Inputs) -> tuple[list[Example], list[Example]]:
         dataset = self.config.dataset
@@ -219,15 +249,19 @@ class FinetuneRecipe:
         tokens = torch.zeros((), device=ranks.device, dtype=torch.float64)
         window_start, window_steps = time.monotonic(), 0
         self.engine.train()
+        self.gang.training_started()
         while state.step < plan.total_steps:
+            fault_point("step", state.step)
             optimizer_step(
                 self.engine, batches, self._collate, hp.gradient_accumulation_steps, loss_sum, tokens
             )
             state.step += 1
+            self.gang.beat()
             window_steps += 1
             step = state.step
             reseed(hp.seed, ranks.rank, step)
             if step % self.log_every == 0 or step == plan.total_steps:
+                fault_point("log", step)
                 self._log(loss_sum, tokens, time.monotonic() - window_start, window_steps)
                 loss_sum.zero_()
                 tokens.zero_()
@@ -241,23 +275,49 @@ class FinetuneRecipe:
             if evaluate_now and step < plan.total_steps and self._evaluate_and_should_stop():
                 break
             if step % config.output.checkpoint_every_steps == 0 and step < plan.total_steps:
+                self._check_finite(loss_sum)
                 self.save_checkpoint()
             # Ranks agree on stopping at log steps only: no host sync on every step.
-            if step % self.log_every == 0 and any_rank(self.stop_requested(), ranks.device):
-                logger.info("stop requested at step %d: saving a checkpoint before exiting", step)
-                self.save_checkpoint()
-                self._record_finished_checkpoint(wait=True)
-                return "stopped"
+            if step % self.log_every == 0:
+                fault_point("stop-check", step)
+                if any_rank(self.gang.stop_requested(), ranks.device):
+                    logger.info("stop requested at step %d: saving a checkpoint before exiting", step)
+                    self.save_checkpoint()
+                    self._record_finished_checkpoint(wait=True)
+                    return "stopped"
         self._record_finished_checkpoint(wait=True)
         if self.eval_examples:
             self._evaluate_and_should_stop()
+        self.gang.training_finished()
         return "succeeded"
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Before a checkpoint: the loss since the last log is finite on every rank (one host sync per
+        checkpoint), so that no checkpoint holds weights a NaN has reached."""
+        if not every_rank(bool(torch.isfinite(loss_sum).item()), self.ranks.device):
+            self._non_finite_loss(math.nan)
+
+    def _non_finite_loss(self, loss: float) -> None:
+        """Ends the run: a restart from the same checkpoint would diverge the same way, unless the job
+        says otherwise (runPolicy.nonFiniteLoss: restart). Every rank sees the same all-reduced loss."""
+        self._record_finished_checkpoint(wait=True)  # the pending checkpoint predates the NaN: keep it
+        newest = self.checkpointer.completed[-1]["uri"] if self.checkpointer.completed else "none yet"
+        message = (
+            f"the training loss became {loss} by step {self.state.step}; no checkpoint was saved after "
+            f"it (newest good checkpoint: {newest}); lower hyperparameters.learningRate, check the data, "
+            "or use precision bf16 instead of fp16"
+        )
+        if self.config.run_policy.non_finite_loss == "restart":
+            raise RetryableError(message, reason=NON_FINITE_LOSS)
+        raise NonRetryableError(message, reason=NON_FINITE_LOSS)
 
     def _log(self, loss_sum: torch.Tensor, tokens: torch.Tensor, seconds: float, steps: int) -> None:
         totals = torch.stack([loss_sum, tokens])
         dist.all_reduce(totals)
         micro_steps = steps * self.hp.gradient_accumulation_steps * self.ranks.world_size
         train_loss = totals[0].item() / max(micro_steps, 1)
+        if not math.isfinite(train_loss):
+            self._non_finite_loss(train_loss)
         tokens_per_second = totals[1].item() / max(seconds, 1e-9)
         learning_rate = self.engine.lr_scheduler.get_last_lr()[0]
         self.history.record(
@@ -280,6 +340,8 @@ class FinetuneRecipe:
 
     def _evaluate_and_should_stop(self) -> bool:
         """Evaluates; True when early stopping's patience has run out."""
+        fault_point("evaluate", self.state.step)
+        self.gang.beat()
         metrics = evaluate(
             self.engine,
             self.eval_examples,
@@ -288,12 +350,18 @@ class FinetuneRecipe:
             self.ranks.device,
             self.labels,
         )
+        self.gang.beat()
+        metrics, notes = finite_metrics(metrics)
+        for note in notes:
+            logger.warning("step %d evaluation: %s", self.state.step, note)
         self.last_eval = metrics
         self.history.record(self.state.step, **metrics)
         self.progress.update(eval_metrics=metrics)
         if self.ranks.rank == 0:
             logger.info("step %d evaluation: %s", self.state.step, json.dumps(metrics))
         state = self.state
+        if "evalLoss" not in metrics:
+            return False
         if state.best_eval_loss is None or metrics["evalLoss"] < state.best_eval_loss:
             state.best_eval_loss = metrics["evalLoss"]
             state.evaluations_without_improvement = 0
@@ -310,7 +378,9 @@ class FinetuneRecipe:
     def save_checkpoint(self) -> None:
         """Saves the engine with the loop state as its client state; the upload runs in the background."""
         metrics = {"evalLoss": self.last_eval["evalLoss"]} if "evalLoss" in self.last_eval else {}
+        fault_point("checkpoint-save", self.state.step)
         waited = self.checkpointer.save(self.engine, self.state.step, self.state.client_state(), metrics)
+        self.gang.beat()
         if self.ranks.rank == 0:
             logger.info(
                 "checkpoint step-%d saved locally in %.2fs; uploading in the background",
@@ -319,6 +389,7 @@ class FinetuneRecipe:
             )
 
     def _record_finished_checkpoint(self, wait: bool) -> None:
+        fault_point("checkpoint-finish", self.state.step)
         entry = self.checkpointer.finish_pending(wait=wait)
         if entry is not None:
             self.progress.update(latest_checkpoint=entry, checkpoints=list(self.checkpointer.completed))
@@ -348,9 +419,9 @@ class FinetuneRecipe:
             self.server.stop()
 
 
-def run(config: TrainerConfig, stop_requested: Callable[[], bool]) -> RunResult:
+def run(config: TrainerConfig, gang: Gang) -> RunResult:
     """Every rank runs this: the recipe from setup to outputs; the server stops whatever happens."""
-    recipe = FinetuneRecipe(config, stop_requested)
+    recipe = FinetuneRecipe(config, gang)
     try:
         recipe.setup()
         outcome = recipe.train()

@@ -17,6 +17,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from finetune_trainer.summary import finite_metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,15 +50,20 @@ class Progress:
             if self.training and self.step > 0 and self.total_steps > self.step:
                 elapsed = time.monotonic() - self.started
                 eta = int(elapsed / self.step * (self.total_steps - self.step))
+            reported = {"tokensPerSecond": self.tokens_per_second, "trainLoss": self.train_loss}
+            numbers, notes = finite_metrics(
+                {k: v for k, v in (reported | self.eval_metrics).items() if v is not None}
+            )
             return {
                 "state": "training" if self.training else "initializing",
                 "step": self.step,
                 "totalSteps": self.total_steps,
                 "epoch": round(self.epoch, 4),
-                "tokensPerSecond": self.tokens_per_second,
+                "tokensPerSecond": numbers.get("tokensPerSecond"),
                 "etaSeconds": eta,
-                "trainLoss": self.train_loss,
-                "evalMetrics": dict(self.eval_metrics),
+                "trainLoss": numbers.get("trainLoss"),
+                "evalMetrics": {k: numbers[k] for k in self.eval_metrics if k in numbers},
+                **({"notes": notes} if notes else {}),
                 "latestCheckpoint": self.latest_checkpoint,
                 "checkpoints": list(self.checkpoints),
             }
@@ -138,7 +145,9 @@ class History:
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, step: int, **metrics: float | None) -> None:
-        self.entries.append({"step": step, **{k: v for k, v in metrics.items() if v is not None}})
+        """Finite values only (JSON has no NaN); what is left out is noted in the entry."""
+        kept, notes = finite_metrics({k: v for k, v in metrics.items() if v is not None})
+        self.entries.append({"step": step, **kept, **({"notes": notes} if notes else {})})
 
     def latest(self, name: str) -> float | None:
         for entry in reversed(self.entries):

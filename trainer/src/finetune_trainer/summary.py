@@ -73,6 +73,12 @@ class TerminationSummary(BaseModel):
             return {}
         return finite_metrics(value)[0]
 
+    def exit_code(self) -> int:
+        """The process's exit code for this outcome: what the operator reads first."""
+        if self.outcome == "failed":
+            return 1 if self.retryable else NON_RETRYABLE_EXIT_CODE
+        return STOPPED_EXIT_CODE if self.outcome == "stopped" else 0
+
     def to_message(self) -> str:
         """JSON within the 4 KB Kubernetes keeps; a long error is shortened, never the JSON cut."""
         summary = self
@@ -99,3 +105,56 @@ def write_termination_message(path: str, summary: TerminationSummary) -> None:
         Path(path).write_text(summary.to_message(), encoding="utf-8")
     except OSError as error:
         logger.warning("cannot write the termination message to %s: %s", path, error)
+
+
+def rank_summary_path(directory: Path, rank: int) -> Path:
+    return directory / f"rank-{rank}.json"
+
+
+def write_rank_summary(directory: Path, rank: int, summary: TerminationSummary) -> None:
+    """One rank's summary for its node's launcher; written whole or not at all (rename)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f".rank-{rank}.json.partial"
+        partial.write_text(summary.to_message(), encoding="utf-8")
+        partial.replace(rank_summary_path(directory, rank))
+    except OSError as error:
+        logger.warning("cannot write rank %d's summary to %s: %s", rank, directory, error)
+
+
+def read_rank_summaries(directory: Path) -> dict[int, TerminationSummary | None]:
+    """The summaries the node's ranks left, by global rank (None: unreadable)."""
+    found: dict[int, TerminationSummary | None] = {}
+    for path in sorted(directory.glob("rank-*.json")):
+        with_rank = path.stem.removeprefix("rank-")
+        if with_rank.isdigit():
+            try:
+                found[int(with_rank)] = parse_termination_message(path.read_text(encoding="utf-8"))
+            except OSError:
+                found[int(with_rank)] = None
+    return found
+
+
+def node_summary(summaries: dict[int, TerminationSummary | None], expected: int) -> TerminationSummary | None:
+    """The node's one summary from its ranks': the cause of a failure, else a stop, else rank 0's result.
+
+    A failure's cause is the first of: a rank's own non-retryable error, its own retryable error, a rank
+    that left no summary (killed, e.g. out of memory), a failure this node only echoed (``collateral``).
+    """
+    present = [s for s in summaries.values() if s is not None]
+    failed = [s for s in present if s.outcome == "failed"]
+    own = sorted((s for s in failed if not s.collateral), key=lambda s: (s.retryable, s.rank or 0))
+    if own:
+        return own[0]
+    if len(present) < expected:
+        return TerminationSummary(
+            outcome="failed",
+            error=f"{expected - len(present)} of this node's {expected} rank(s) ended without a report "
+            "(killed by a signal, e.g. out of memory); see the worker's log",
+        )
+    if failed:
+        return failed[0]
+    stopped = [s for s in present if s.outcome == "stopped"]
+    if stopped:
+        return stopped[0]
+    return min(present, key=lambda s: s.rank or 0) if present else None

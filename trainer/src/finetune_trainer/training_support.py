@@ -1,5 +1,5 @@
-"""What the recipe is built from, none of it specific to one run: the ranks and their agreement on
-failures, the step plan, the learning-rate schedule, the DeepSpeed engine, this rank's
+"""What the recipe is built from, none of it specific to one run: the ranks and the gang's store, the
+step plan, the learning-rate schedule, the DeepSpeed engine, this rank's
 micro-batches, one optimizer step and the reseeding that makes a resume continue the same way.
 
 Kept apart from ``recipe.py`` so the recipe reads as the run itself, and so the throughput
@@ -8,6 +8,7 @@ benchmark can time the very ``optimizer_step`` a job runs.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -21,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from finetune_trainer import data
-from finetune_trainer.collectives import largest
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
 from finetune_trainer.deepspeed_config import build_deepspeed_config
@@ -31,8 +31,8 @@ from finetune_trainer.worker_env import DEEPSPEED_TIMEOUT, DEFAULT_PROCESS_GROUP
 
 # What no restart fixes: the trainer exits with the reserved code for these.
 NonRetryableFailures = (NonRetryableError, data.DataError, ObjectNotFoundError, AccessDeniedError)
-# Ranks agree on failures: 0 none, 1 retryable, 2 non-retryable (the worst wins everywhere).
-_FAILURE_NONE, _FAILURE_RETRYABLE, _FAILURE_FINAL = 0, 1, 2
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,27 +68,18 @@ def init_distributed(config: TrainerConfig) -> Ranks:
     return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def together(ranks: Ranks, work: Callable[[], Any]) -> Any:
-    """Runs ``work`` on every rank; if it fails anywhere, it fails everywhere, with the same kind.
-
-    Otherwise a rank whose download failed would leave the others waiting in a barrier, and a pod
-    exiting with a retryable code could restart a gang that must fail.
-    """
-    result, error, kind = None, None, _FAILURE_NONE
+def gang_store() -> Any:
+    """A client of the job's rendezvous store (torchrun's agent on worker 0 hosts it, outliving every
+    rank) for the gang's abort mark; None where there is none (a bare process), which leaves each rank
+    to the process group alone."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
     try:
-        result = work()
-    except NonRetryableFailures as failure:
-        error, kind = failure, _FAILURE_FINAL
-    except Exception as failure:
-        error, kind = failure, _FAILURE_RETRYABLE
-    worst = largest(kind, ranks.device)
-    if worst == _FAILURE_NONE:
-        return result
-    if error is None:
-        error = RuntimeError("another rank failed; see its log")
-    if worst == _FAILURE_FINAL and not isinstance(error, NonRetryableError):
-        raise NonRetryableError(str(error)) from error
-    raise error
+        return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+    except (RuntimeError, ValueError) as error:
+        logger.warning("no rendezvous store at %s:%s (%s): a failing rank ends its node", host, port, error)
+        return None
 
 
 def make_plan(config: TrainerConfig, train_examples: int, world_size: int) -> Plan:
