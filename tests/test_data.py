@@ -16,13 +16,17 @@ from typing import Any
 
 import huggingface_hub.constants
 import pytest
+from finetune_trainer import data
 from finetune_trainer.config import DatasetConfig
 from finetune_trainer.data import (
     IGNORE_INDEX,
+    MAX_ROW_BYTES,
+    OVERSIZED_ROW,
     DataError,
     DataReport,
     Example,
     UnreadableRow,
+    check_labels,
     check_usable,
     classification_labels,
     collate,
@@ -600,6 +604,125 @@ def test_load_parquet(tmp_path: Path, tokenizer: Any) -> None:
     broken.write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"cannot read broken\.parquet"):
         load_rows(broken)
+
+
+def test_a_huge_jsonl_row_is_rejected_unread_before_tokenizing(tmp_path: Path, tokenizer: Any) -> None:
+    """One 50 MB row among good rows: counted as over the limit with its row number, never parsed.
+
+    It used to take 13.7 GB and 169 s to tokenize before being reported as truncated. The peak RSS of
+    this process is printed (pytest -s) and bounded loosely; times are not asserted.
+    """
+    import resource
+
+    good = json.dumps({"text": "Hello there."}) + "\n"
+    path = tmp_path / "train.jsonl"
+    with path.open("w") as file:
+        file.write(good * 2)
+        file.write('{"text": "')
+        for _ in range(50):  # 50 MB, written without ever holding it whole
+            file.write("x" * 1_000_000)
+        file.write('"}\n')
+        file.write(good * 3)
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak so far, in KiB on Linux
+    rows = load_rows(path)
+    examples, report = prepare(rows, dataset("completion"), tokenizer)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"RSS {resident} MiB before loading; peak RSS {before // 1024} MiB before, {peak // 1024} after")
+    assert report.problems == {OVERSIZED_ROW: [3]}
+    assert report.total_rows == 6 and report.usable_rows == len(examples) == 5
+    assert "row over the 1 MiB size limit (row 3)" in report.summary()
+    assert peak - before < 512 * 1024  # the old path took gigabytes: the row never became a string
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_the_row_size_limit_is_on_the_line_without_its_ending(tmp_path: Path, ending: bytes) -> None:
+    def line(size: int) -> bytes:
+        prefix = b'{"text": "'
+        return prefix + b"a" * (size - len(prefix) - 2) + b'"}' + ending
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(line(MAX_ROW_BYTES) + line(MAX_ROW_BYTES + 1) + line(100) + line(3 * MAX_ROW_BYTES))
+    rows = load_rows(path)
+    assert [type(row).__name__ for row in rows] == ["dict", "UnreadableRow", "dict", "UnreadableRow"]
+    assert rows[1] == rows[3] == UnreadableRow(OVERSIZED_ROW)
+    assert len(rows[0]["text"]) == MAX_ROW_BYTES - 12
+    last = tmp_path / "last.jsonl"  # the last line without a newline, over the limit
+    last.write_bytes(line(100) + line(MAX_ROW_BYTES + 5).rstrip(b"\r\n"))
+    assert load_rows(last)[1:] == [UnreadableRow(OVERSIZED_ROW)]
+
+
+def test_huge_parquet_rows_are_rejected_before_conversion(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sizes come from pyarrow's columnar data, nested chat messages included, batch by batch."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    monkeypatch.setattr(data, "_PARQUET_BATCH_ROWS", 2)  # rows 2 and 5 fall in different batches
+    big = "y" * (MAX_ROW_BYTES + 1)
+
+    def chat(answer: str, extra: str | None = None) -> dict[str, Any]:
+        return {
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}],
+            "note": extra,
+        }
+
+    rows = [chat("Yo."), chat(big), chat("Hey."), chat("Ho."), chat("Hm.", big), chat("Ok.")]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    loaded = load_rows(path)
+    assert [isinstance(row, UnreadableRow) for row in loaded] == [False, True, False, False, True, False]
+    examples, report = prepare(loaded, dataset("chat"), tokenizer)
+    assert report.problems == {OVERSIZED_ROW: [2, 5]}
+    assert [loss_runs(example, tokenizer) for example in examples] == [
+        [f"{answer}<|end|>"] for answer in ("Yo.", "Hey.", "Ho.", "Ok.")
+    ]
+
+
+def test_row_bytes_of_nested_and_sliced_arrays() -> None:
+    pa = pytest.importorskip("pyarrow")
+    batch = pa.RecordBatch.from_pylist(
+        [
+            {"t": "ab", "l": [["x", "yz"], None], "s": {"a": "123", "n": 5}, "m": [("k", "vv")], "b": b"\0"},
+            {"t": None, "l": None, "s": None, "m": None, "b": None},
+            {"t": "é", "l": [[], ["abcd"]], "s": {"a": None, "n": None}, "m": [], "b": b"1234"},
+        ],
+        schema=pa.schema(
+            [
+                ("t", pa.string()),
+                ("l", pa.list_(pa.list_(pa.large_string()))),
+                ("s", pa.struct([("a", pa.string()), ("n", pa.int64())])),
+                ("m", pa.map_(pa.string(), pa.string())),
+                ("b", pa.binary()),
+            ]
+        ),
+    )
+    assert data._row_bytes(batch) == [2 + 3 + 3 + 3 + 1, 0, 2 + 4 + 4]
+    assert data._row_bytes(batch.slice(1)) == [0, 2 + 4 + 4]
+    dictionary = pa.RecordBatch.from_pydict({"d": pa.array(["aaa", "b", "aaa"]).dictionary_encode()})
+    assert data._row_bytes(dictionary) == [3, 1, 3]
+
+
+def test_classification_with_one_label_is_a_data_error(tokenizer: Any) -> None:
+    """It would train and score 1.0 on every metric: non-retryable, naming the label and the file."""
+    from finetune_trainer.evaluation import LabelSet
+
+    rows = [{"text": f"ticket {i}", "label": "billing"} for i in range(4)] + [{"text": "x", "label": None}]
+    examples, _ = prepare(rows, dataset("classification"), tokenizer)
+    message = "classification needs at least 2 distinct labels; train.jsonl has only 'billing'"
+    with pytest.raises(DataError) as caught:
+        check_labels(examples, "train.jsonl")
+    assert str(caught.value) == message
+    with pytest.raises(DataError) as caught:
+        LabelSet.from_examples(examples, source="train.jsonl")
+    assert str(caught.value) == message
+    with pytest.raises(DataError) as caught:
+        LabelSet.from_examples(examples)
+    assert str(caught.value) == message.replace("train.jsonl", "the training data")
+    two, _ = prepare([*rows, {"text": "y", "label": "sales"}], dataset("classification"), tokenizer)
+    check_labels(two, "train.jsonl")
+    assert LabelSet.from_examples(two).names == ("billing", "sales")
+    check_labels([], "train.jsonl")  # no usable rows at all is check_usable's to report
 
 
 def test_importing_data_does_not_import_torch() -> None:

@@ -21,8 +21,11 @@ import pytest
 from botocore.config import Config
 from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
 from finetune_trainer.storage import (
+    CONNECT_TIMEOUT_S,
     PARTIAL_PREFIX,
     PARTIAL_SUFFIX,
+    READ_TIMEOUT_S,
+    RETRIES,
     AccessDeniedError,
     FolderStore,
     ObjectNotFoundError,
@@ -289,6 +292,16 @@ def test_an_unreachable_endpoint_is_a_retryable_storage_error(s3_store: S3Store)
     assert type(caught.value) is StorageError
     assert str(caught.value).startswith("S3 request for s3://bucket/model/config.json failed: ")
     assert closed in str(caught.value)
+
+
+def test_s3_requests_are_bounded_in_time() -> None:
+    """Production settings: every try has a connect and read timeout, and retries are counted, so a
+    silent store fails a request within minutes (tests/test_s3_faults.py measures the faults)."""
+    config = S3Store(endpoint="http://127.0.0.1:9", region=REGION)._client.meta.config
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": RETRIES + 1}  # 11 tries
+    assert (config.connect_timeout, config.read_timeout) == (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    worst_backoff = 130  # botocore: at most 20 s a wait, 1 + 2 + 4 + 8 + 16 + 5 x 20
+    assert (RETRIES + 1) * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S) + worst_backoff < 10 * 60
 
 
 def test_no_credentials_is_access_denied(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +15,14 @@ import torch
 from finetune_operator.api.resolve import resolve_trainer_config
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.deepspeed_config import build_deepspeed_config, merge
+from finetune_trainer.deepspeed_config import build_deepspeed_config, check_with_deepspeed, merge
 from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.evaluation import classification_metrics
 from finetune_trainer.gang import Gang
 from finetune_trainer.launch import exit_code
-from finetune_trainer.modeling import _quantization
+from finetune_trainer.modeling import _quantization, check_model_files, load_model, load_tokenizer
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
+from finetune_trainer.tiny import build_tiny_model
 from finetune_trainer.training_support import lr_multiplier, make_plan
 
 from tests.manifests import minimal_manifest
@@ -70,6 +75,69 @@ def config(**sections: dict[str, Any]) -> TrainerConfig:
 def test_deepspeed_configuration(sections: dict[str, Any], world: int, expected: dict[str, Any]) -> None:
     generated = build_deepspeed_config(config(**sections), world)
     assert merge(generated, expected) == generated  # every expected key is there with that value
+    check_with_deepspeed(generated, world)  # and DeepSpeed accepts it
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        pytest.param(
+            {"train_batch_size": 7},
+            "deepspeed.config rejected by DeepSpeed: Check batch related parameters. train_batch_size is "
+            "not equal to micro_batch_per_gpu * gradient_acc_step * world_size 7 != 1 * 1 * 2",
+            id="batch-size",
+        ),
+        pytest.param(
+            {"zero_optimization": {"stage": 9}},
+            "deepspeed.config rejected by DeepSpeed: 1 validation error for DeepSpeedZeroConfig; stage; "
+            "Input should be 0, 1, 2, 3",
+            id="zero-stage",
+        ),
+        pytest.param(
+            {"zero_optimization": {"stage3_prefetch_buckt_size": 10}},
+            "deepspeed.config rejected by DeepSpeed: 1 validation error for DeepSpeedZeroConfig; "
+            "stage3_prefetch_buckt_size; Extra inputs are not permitted",
+            id="misspelt-key",
+        ),
+        pytest.param(
+            {"bf16": {"enabled": True}, "fp16": {"enabled": True}},
+            "deepspeed.config rejected by DeepSpeed: bfloat16 and fp16 modes cannot be simultaneously "
+            "enabled",
+            id="two-precisions",
+        ),
+    ],
+)
+def test_a_deepspeed_config_that_deepspeed_rejects_is_non_retryable(
+    override: dict[str, Any], message: str
+) -> None:
+    job = config(
+        hyperparameters={"batchSizePerDevice": 1, "gradientAccumulationSteps": 1},
+        deepspeed={"config": override},
+    )
+    generated = build_deepspeed_config(job, 2)
+    before = json.dumps(generated, sort_keys=True)
+    with pytest.raises(NonRetryableError) as caught:
+        check_with_deepspeed(generated, 2)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)  # one line, fit for a termination message
+    assert json.dumps(generated, sort_keys=True) == before
+
+
+def test_the_deepspeed_check_uses_the_world_size_it_is_given(tmp_path: Path) -> None:
+    """Before init_process_group, and inside a process group of another size, alike."""
+    import torch.distributed as dist
+
+    batch = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2}
+    check_with_deepspeed(batch, 2)
+    with pytest.raises(NonRetryableError, match="7 != 1 \\* 1 \\* 2"):
+        check_with_deepspeed({**batch, "train_batch_size": 7}, 2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        check_with_deepspeed(batch, 2)
+        with pytest.raises(NonRetryableError, match="2 != 1 \\* 1 \\* 4"):
+            check_with_deepspeed(batch, 4)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_offload_brings_deepspeeds_optimizer_and_otherwise_the_trainer_passes_its_own() -> None:
@@ -153,3 +221,68 @@ def test_early_stopping_counts_evaluations_without_improvement(
     decisions = [loop._evaluate_and_should_stop() for _ in range(5)]
     assert decisions == [False, False, False, False, True]
     assert loop.state.best_eval_loss == 1.5
+
+
+# --- model files that no restart can mend -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _truncate_to_half(directory: Path) -> None:
+    path = directory / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _garbage(directory: Path) -> None:
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+
+
+def _config_not_json(directory: Path) -> None:
+    (directory / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+
+
+def _shard_missing(directory: Path) -> None:
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        pytest.param(
+            _truncate_to_half,
+            "model file model.safetensors is corrupt or truncated: Error while deserializing header: "
+            "incomplete metadata, file not fully covered",
+            id="truncated",
+        ),
+        pytest.param(
+            _garbage,
+            "model file model.safetensors is corrupt or truncated: Error while deserializing header: ",
+            id="garbage",
+        ),
+        pytest.param(_config_not_json, "model file config.json is not valid JSON: ", id="config-not-json"),
+        pytest.param(
+            _shard_missing,
+            "model file model.safetensors.index.json lists shards that are missing: "
+            "model-00002-of-00002.safetensors",
+            id="shard-missing",
+        ),
+    ],
+)
+def test_corrupt_model_files_are_non_retryable_and_named(
+    tiny_model: Path, tmp_path: Path, spoil: Callable[[Path], None], message: str
+) -> None:
+    directory = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    check_model_files(directory)  # the intact model passes
+    spoil(directory)
+    job = config()
+    for load in (check_model_files, lambda d: load_tokenizer(d, job), lambda d: load_model(d, job)):
+        with pytest.raises(NonRetryableError) as caught:
+            load(directory)
+        assert str(caught.value).startswith(message), str(caught.value)

@@ -107,7 +107,8 @@ def _jobs_in(source: str) -> list[FinetuneJob] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Runs one FinetuneJob on this machine; exits with the trainer's code."""
+    """Runs one FinetuneJob on this machine; exits with the trainer's code, or 128 + the signal that
+    stopped it (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) after the ranks saved a checkpoint."""
     from finetune_operator.local.run import LocalRunError, run_local
 
     jobs = _jobs_in(args.file)

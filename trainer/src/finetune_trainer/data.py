@@ -2,6 +2,8 @@
 
 A bad row never stops a run on its own: it is counted under a reason with its 1-based row number
 (the line number in a .jsonl file), and :func:`check_usable` decides whether enough rows are left.
+A row over :data:`MAX_ROW_BYTES` is one such row, rejected as it is read: the loader never parses
+it, so one huge row costs neither the memory nor the time of tokenizing it.
 Loss masks come from character spans of the rendered text mapped through the tokenizer's offsets,
 so they stay exact whatever the tokenizer merges at a boundary. torch is imported only by
 :func:`collate`, so that this module stays cheap to import.
@@ -12,10 +14,10 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from jinja2 import TemplateError
 
@@ -27,6 +29,16 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+
+MIB = 1024 * 1024
+# The largest usable row: a .jsonl line's bytes (newline excluded), or the UTF-8 bytes of a .parquet
+# row's text and binary values. Larger rows are unusable, counted under OVERSIZED_ROW, never parsed.
+# 1 MiB is far beyond any maxSeqLength (about 250,000 tokens of English) and bounds what one row can
+# cost: tokenizing with offsets takes some hundred times a row's size in memory.
+MAX_ROW_BYTES = MIB
+OVERSIZED_ROW = f"row over the {MAX_ROW_BYTES // MIB} MiB size limit"
+_SKIP_CHUNK_BYTES = MIB  # an oversized line is skipped this much at a time
+_PARQUET_BATCH_ROWS = 1024
 
 # The Alpaca prompts (tatsu-lab/stanford_alpaca), with and without an input.
 ALPACA_PROMPT = (
@@ -87,7 +99,8 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class UnreadableRow:
-    """A .jsonl line that is not a JSON object: kept in place so that row numbers stay line numbers."""
+    """A row that could not be read (not a JSON object, too large): kept in place so that row numbers
+    stay line numbers."""
 
     reason: str
 
@@ -100,7 +113,8 @@ def load_rows(path: Path) -> list[dict[str, Any] | UnreadableRow]:
     """Every row of a .jsonl or .parquet file.
 
     A broken .jsonl line becomes an :class:`UnreadableRow` that :func:`prepare` reports; blank lines at
-    the end of the file are ignored, blank lines elsewhere are unreadable rows.
+    the end of the file are ignored, blank lines elsewhere are unreadable rows. A row over
+    :data:`MAX_ROW_BYTES` is an unreadable row too, found before it is parsed.
     """
     if path.suffix == ".jsonl":
         return _load_jsonl(path)
@@ -109,11 +123,25 @@ def load_rows(path: Path) -> list[dict[str, Any] | UnreadableRow]:
     raise DataError(f"{path.name}: unknown file type {path.suffix!r} (expected .jsonl or .parquet)")
 
 
+def _lines(file: BinaryIO) -> Iterator[bytes | None]:
+    """The file's lines; None for a line over MAX_ROW_BYTES, which is skipped without being held."""
+    while line := file.readline(MAX_ROW_BYTES + 3):  # the limit, then room for "\r\n" and one more
+        if len(line.rstrip(b"\r\n")) <= MAX_ROW_BYTES:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = file.readline(_SKIP_CHUNK_BYTES)
+        yield None
+
+
 def _load_jsonl(path: Path) -> list[dict[str, Any] | UnreadableRow]:
     rows: list[dict[str, Any] | UnreadableRow] = []
     try:
         with path.open("rb") as file:
-            for line in file:
+            for line in _lines(file):
+                if line is None:
+                    rows.append(UnreadableRow(OVERSIZED_ROW))
+                    continue
                 try:
                     value = json.loads(line)
                 except ValueError:  # also bad UTF-8, and a blank line
@@ -128,12 +156,82 @@ def _load_jsonl(path: Path) -> list[dict[str, Any] | UnreadableRow]:
 
 
 def _load_parquet(path: Path) -> list[dict[str, Any] | UnreadableRow]:
+    """Batch by batch; a row whose values are over MAX_ROW_BYTES is never converted to Python."""
     import pyarrow.parquet as pq
 
+    rows: list[dict[str, Any] | UnreadableRow] = []
     try:
-        return pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            sizes = _row_bytes(batch)
+            oversized = [index for index, size in enumerate(sizes) if size > MAX_ROW_BYTES]
+            if not oversized:
+                rows.extend(batch.to_pylist())
+                continue
+            start = 0
+            for index in [*oversized, len(sizes)]:
+                rows.extend(batch.slice(start, index - start).to_pylist())
+                if index < len(sizes):
+                    rows.append(UnreadableRow(OVERSIZED_ROW))
+                start = index + 1
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"cannot read {path.name}: {error}") from error
+    return rows
+
+
+def _row_bytes(batch: Any) -> list[int]:
+    """Per row of a pyarrow RecordBatch: the bytes of its string and binary values, nested ones included."""
+    import numpy as np
+
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        total += _value_bytes(column)
+    return [int(size) for size in total]
+
+
+def _value_bytes(array: Any) -> Any:
+    """Per element of a pyarrow Array, as a numpy int64 array: its string and binary bytes, computed by
+    pyarrow on the columnar data, so that no Python string is built."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    count = len(array)
+    if pa.types.is_dictionary(kind):
+        return _value_bytes(array.dictionary_decode())
+    if pa.types.is_string_view(kind) or pa.types.is_binary_view(kind):
+        return _value_bytes(array.cast(pa.large_binary()))
+    if any(
+        check(kind)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+            pa.types.is_fixed_size_binary,
+        )
+    ):
+        lengths = pc.binary_length(array).fill_null(0)
+        return lengths.to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_struct(kind):
+        total = np.zeros(count, dtype=np.int64)
+        for field in array.flatten():
+            total += _value_bytes(field)
+        return total
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind):
+        # The offsets are absolute in the unsliced child; a null slot spans no values.
+        offsets = array.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        child = array.values.slice(offsets[0], offsets[-1] - offsets[0])
+        parents = np.repeat(np.arange(count), np.diff(offsets))
+        return np.bincount(parents, weights=_value_bytes(child), minlength=count).astype(np.int64)
+    if pa.types.is_fixed_size_list(kind):
+        width = kind.list_size
+        child = array.values.slice(array.offset * width, count * width)
+        return _value_bytes(child).reshape(count, width).sum(axis=1) if width else np.zeros(count, np.int64)
+    if pa.types.is_primitive(kind) or pa.types.is_null(kind) or pa.types.is_decimal(kind):
+        return np.zeros(count, dtype=np.int64)
+    # Anything rarer (unions, list views, extension types): measured as JSON, one value at a time.
+    return np.array([len(json.dumps(value.as_py(), default=str)) for value in array], dtype=np.int64)
 
 
 def prepare(
@@ -219,9 +317,20 @@ def collate(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def classification_labels(examples: list[Example]) -> list[str]:
+def classification_labels(examples: Sequence[Example]) -> list[str]:
     """The sorted distinct gold labels: the classes a classification run is evaluated on."""
     return sorted({example.label for example in examples if example.label is not None})
+
+
+def check_labels(examples: Sequence[Example], source: str) -> None:
+    """Raises DataError when classification training data has a single label (``source`` names it).
+
+    A model trained on one label learns nothing to tell apart, and its evaluation scores 1.0 on every
+    metric. No labels at all is :func:`check_usable`'s to report (no usable rows).
+    """
+    labels = classification_labels(examples)
+    if len(labels) == 1:
+        raise DataError(f"classification needs at least 2 distinct labels; {source} has only {labels[0]!r}")
 
 
 Span = tuple[int, int]  # [start, end) character offsets that carry loss

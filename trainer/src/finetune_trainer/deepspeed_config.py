@@ -1,14 +1,18 @@
 """The DeepSpeed configuration of a run, generated from the trainer configuration.
 
 ``deepspeed.config`` from the FinetuneJob is merged last, key by key, so that users can tune any
-DeepSpeed setting without the operator having to know it.
+DeepSpeed setting without the operator having to know it; :func:`check_with_deepspeed` then has
+DeepSpeed itself judge the result, so that a setting it rejects fails the job once (non-retryable)
+instead of restarting the gang on the same error. DeepSpeed is imported only by that function.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.errors import NonRetryableError
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -52,3 +56,30 @@ def build_deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, 
             "params": {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": [0.9, 0.999]},
         }
     return merge(generated, config.deepspeed.overrides)
+
+
+def check_with_deepspeed(ds_config: dict[str, Any], world_size: int) -> None:
+    """Raises NonRetryableError when DeepSpeed rejects ``ds_config`` for ``world_size`` data-parallel ranks.
+
+    DeepSpeed's own ``DeepSpeedConfig`` parses the configuration, with the checks that
+    ``deepspeed.initialize`` would make (the batch sizes agreeing with the world size, known keys and
+    values, ZeRO settings). It takes the world size from an initialised process group, or 1 without
+    one; here it is given, so the check is the same before or after ``init_process_group``, on any
+    rank, and runs no collective. ``ds_config`` is not modified.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class _ForWorld(DeepSpeedConfig):
+        def _configure_train_batch_size(self) -> None:
+            self.world_size = world_size  # read only by the batch checks that follow, after its guess
+            super()._configure_train_batch_size()
+
+    try:
+        _ForWorld(copy.deepcopy(ds_config))
+    except Exception as error:  # assertions, pydantic's ValueErrors, TypeErrors on wrong types...
+        # One line: pydantic lists each problem on its own lines, then a link to its documentation.
+        lines = [line.strip() for line in str(error).splitlines()]
+        detail = "; ".join(line for line in lines if line and not line.startswith("For further information"))
+        raise NonRetryableError(
+            f"deepspeed.config rejected by DeepSpeed: {detail or type(error).__name__}"
+        ) from error

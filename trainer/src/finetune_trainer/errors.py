@@ -20,3 +20,7 @@ class RetryableError(Exception):
     def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class PeerFailedError(RuntimeError):
+    """This rank learned in a collective that another one failed: an echo, not a cause."""

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from finetune_trainer.collectives import largest
-from finetune_trainer.data import IGNORE_INDEX, Example
+from finetune_trainer.data import IGNORE_INDEX, Example, check_labels
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
 
@@ -30,7 +30,10 @@ class LabelSet:
     tokens: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def from_examples(cls, examples: list[Example]) -> LabelSet:
+    def from_examples(cls, examples: list[Example], source: str = "the training data") -> LabelSet:
+        """The labels of the training examples; a DataError (non-retryable) when there is only one,
+        naming ``source`` (the dataset file)."""
+        check_labels(examples, source)
         found: dict[str, tuple[int, ...]] = {}
         for example in examples:
             if example.label is not None and example.label not in found:

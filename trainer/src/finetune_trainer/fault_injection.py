@@ -7,16 +7,21 @@ Inert unless ``FINETUNE_TRAINER_FAULTS`` is set, which only tests and fault dril
 - ``raise``: a retryable error (InjectedFault), as a lost connection or a failed upload would;
 - ``fatal``: a non-retryable error, as bad data would;
 - ``hang``: block forever, as a rank stuck in a driver call or a deadlock would;
-- ``kill``: SIGKILL the rank itself, as the OOM killer would.
+- ``kill``: SIGKILL the rank itself, as the OOM killer would;
+- ``nan``: (site ``step`` only) the caller fills a trainable weight with NaN, as a numerical blow-up
+  would, so the real detection path sees a non-finite loss.
 
 Each fault fires once per process: a resumed run (a new process) meets it again only if the test asks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
+
+import torch
 
 from finetune_trainer.errors import NonRetryableError
 
@@ -36,7 +41,7 @@ SITES = (
     "stop-check",
     "outputs",
 )
-ACTIONS = ("raise", "fatal", "hang", "kill")
+ACTIONS = ("raise", "fatal", "hang", "kill", "nan")
 
 _fired: set[str] = set()
 
@@ -45,11 +50,12 @@ class InjectedFault(RuntimeError):
     """The retryable failure a test asked for."""
 
 
-def fault_point(site: str, step: int = 0) -> None:
-    """Does what ``FINETUNE_TRAINER_FAULTS`` asks for at ``site`` on this rank, if anything."""
+def fault_point(site: str, step: int = 0) -> bool:
+    """Does what ``FINETUNE_TRAINER_FAULTS`` asks for at ``site`` on this rank, if anything; True when
+    the caller is to poison its weights (action ``nan``)."""
     spec = os.environ.get(FAULTS)
     if not spec:
-        return
+        return False
     assert site in SITES, site
     rank = os.environ.get("RANK", "0")
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
@@ -65,4 +71,13 @@ def fault_point(site: str, step: int = 0) -> None:
             threading.Event().wait()
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "nan":
+            return True
         raise ValueError(f"{FAULTS}: unknown action {action!r} in {entry!r}; one of {', '.join(ACTIONS)}")
+    return False
+
+
+def poison(module: torch.nn.Module) -> None:
+    """Fills the first trainable weight with NaN (action ``nan``)."""
+    with torch.no_grad():
+        next(p for p in module.parameters() if p.requires_grad).fill_(math.nan)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from finetune_trainer.errors import PeerFailedError
 from finetune_trainer.summary import STALLED, TerminationSummary, write_rank_summary
 
 logger = logging.getLogger(__name__)
@@ -53,11 +54,13 @@ STALL_FLOOR_SECONDS = 600.0
 STORE_FAILURES_TO_GIVE_UP = 3
 # What a failing collective says when a peer process ended: not a cause, only its echo.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator")
+# How long an echo waits for the cause's own mark before it marks itself (the cause was killed).
+ECHO_WAIT_SECONDS = 5.0
 
 
 def is_peer_gone(error: BaseException) -> bool:
-    """True when ``error`` only says that another rank went away (its own summary says why)."""
-    return any(text in str(error) for text in PEER_GONE)
+    """True when ``error`` only says that another rank failed or went away (its own summary says why)."""
+    return isinstance(error, PeerFailedError) or any(text in str(error) for text in PEER_GONE)
 
 
 class Gang:
@@ -139,6 +142,10 @@ class Gang:
         rank's failure came first; ``echo``: the error only says that a peer went away."""
         own = summary.model_copy(update={"rank": self.rank, "collateral": echo})
         cause = self._read_mark()
+        deadline = self.clock() + ECHO_WAIT_SECONDS
+        while echo and cause is None and self.clock() < deadline:  # the cause's own mark is on its way
+            time.sleep(0.1)
+            cause = self._read_mark()
         if cause is None and self._mark(own):
             self._exit(own)
         cause = cause or self._read_mark()

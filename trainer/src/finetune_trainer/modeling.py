@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
@@ -15,10 +17,48 @@ from finetune_trainer.errors import NonRetryableError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def check_model_files(model_dir: Path) -> None:
+    """NonRetryableError naming the file when the model directory holds a file no restart can mend.
+
+    Every top-level JSON file (config.json, the tokenizer's files, a shard index) must parse; every
+    safetensors file must have a readable header whose tensors fit in the file, which catches a file
+    cut short and one that is not safetensors at all (the header is read, not the tensors: a few
+    kilobytes per file). A shard that an index names must exist. Flipped bytes inside tensor data
+    are beyond a header check: checkpoints carry checksums for that, models do not.
+    """
+    for path in sorted(model_dir.glob("*.json")):
+        try:
+            value = json.loads(path.read_bytes())
+        except ValueError as error:  # also bad UTF-8
+            raise NonRetryableError(f"model file {path.name} is not valid JSON: {error}") from error
+        if path.name == SAFETENSORS_INDEX:
+            weight_map = value.get("weight_map") if isinstance(value, dict) else None
+            if not isinstance(weight_map, dict):
+                raise NonRetryableError(f"model file {path.name} has no weight_map object")
+            missing = sorted(
+                {str(shard) for shard in weight_map.values()} - {p.name for p in model_dir.iterdir()}
+            )
+            if missing:
+                raise NonRetryableError(
+                    f"model file {path.name} lists shards that are missing: {', '.join(missing[:5])}"
+                )
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise NonRetryableError(f"model file {path.name} is corrupt or truncated: {error}") from error
 
 
 def load_tokenizer(model_dir: Path, config: TrainerConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
+    check_model_files(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise NonRetryableError(f"cannot load the tokenizer from {config.model.uri}: {error}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -106,8 +146,11 @@ def load_model(model_dir: Path, config: TrainerConfig) -> PreTrainedModel:
     }
     if config.method.type == "qlora":
         kwargs |= _quantization(config)
+    check_model_files(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except SafetensorError as error:  # what the header check cannot see, e.g. a tensor of the wrong shape
+        raise NonRetryableError(f"model files in {config.model.uri} are corrupt: {error}") from error
     except (OSError, ValueError) as error:
         raise NonRetryableError(f"cannot load the model from {config.model.uri}: {error}") from error
     return apply_method(model, config)

@@ -35,7 +35,7 @@ from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
 from finetune_trainer.errors import NonRetryableError, RetryableError
 from finetune_trainer.evaluation import LabelSet, evaluate
-from finetune_trainer.fault_injection import fault_point
+from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
 from finetune_trainer.modeling import load_model, load_tokenizer
 from finetune_trainer.outputs import write_outputs
@@ -161,7 +161,11 @@ class FinetuneRecipe:
         client_state = self.checkpointer.resume(self.engine) or {}
         self.state = LoopState.from_client_state(client_state)
         is_classification = config.dataset.format == "classification"
-        self.labels = LabelSet.from_examples(self.train_examples) if is_classification else None
+        self.labels = (
+            LabelSet.from_examples(self.train_examples, source=config.dataset.train)
+            if is_classification
+            else None
+        )
         self.log_every = max(1, min(10, self.plan.total_steps // 20))
 
     def _fetch_inputs(self) -> Inputs:
@@ -210,6 +214,8 @@ class FinetuneRecipe:
             evaluation = self._load_examples(inputs.eval_file, "evaluation")
         elif dataset.eval_split is not None:
             train, evaluation = data.split_eval(train, dataset.eval_split, self.hp.seed)
+        if dataset.format == "classification":
+            data.check_labels(train, dataset.train)  # before the engine: a one-label run learns nothing
         if dataset.packing:
             assert self.tokenizer.eos_token_id is not None
             train = data.pack(train, dataset.max_seq_length, self.tokenizer.eos_token_id)
@@ -251,7 +257,8 @@ class FinetuneRecipe:
         self.engine.train()
         self.gang.training_started()
         while state.step < plan.total_steps:
-            fault_point("step", state.step)
+            if fault_point("step", state.step):
+                poison(self.engine.module)
             optimizer_step(
                 self.engine, batches, self._collate, hp.gradient_accumulation_steps, loss_sum, tokens
             )

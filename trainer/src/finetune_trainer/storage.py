@@ -30,9 +30,18 @@ from typing import Any, TypeVar
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.futures import TransferFuture
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
 
@@ -41,6 +50,27 @@ HASH_CHUNK_BYTES = MIB
 # S3 refuses multipart parts under 5 MiB (all but the last) and more than 1000 keys per DeleteObjects.
 MIN_PART_MB = 5
 DELETE_BATCH = 1000
+
+# How long one S3 request may take to fail, so that a store that is down, throttling or silent ends in
+# a StorageError naming the URI instead of a hang. botocore retries each request (5xx, 503 SlowDown,
+# connection resets and timeouts) up to RETRIES times after the first attempt, with "adaptive" mode's
+# jittered exponential backoff (at most 20 s a wait, about 130 s in all) and, once throttled, a
+# client-side rate limit that the requests in flight share. Measured through tests/s3faults.py: a store
+# answering only SlowDown fails one request in 40-55 s, and four multipart uploads at once in about
+# 2 minutes; a silent store fails a request after 11 x READ_TIMEOUT_S plus the backoff, under 8 minutes.
+# botocore's own defaults (60 s timeouts) would let a silent store hold a request for 12 minutes and a
+# stalled download (s3transfer retries those DOWNLOAD_ATTEMPTS times) for an hour. READ_TIMEOUT_S is
+# the socket's longest silence mid-request, with room to spare for a healthy store (S3 keeps a long
+# CompleteMultipartUpload alive with whitespace); CONNECT_TIMEOUT_S is a TCP handshake's.
+RETRIES = 10
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+# A body that breaks off after its headers arrived (a reset mid-download) is beyond botocore's retries:
+# s3transfer retries those for transfers, and get_bytes as often. botocore also lets urllib3's own
+# error through, unretried, when an error reply's body breaks off (botocore#2573 wrapped it for
+# streamed bodies only).
+DOWNLOAD_ATTEMPTS = 5
+_BROKEN_BODY = (*S3_RETRYABLE_DOWNLOAD_ERRORS, URLLib3Error)
 
 _URI = re.compile(r"s3://(?P<bucket>[^/\s]+)(?:/(?P<key>.*))?", re.DOTALL)
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
@@ -126,7 +156,8 @@ def _error(uri: str, code: str, status: int | None, detail: str) -> StorageError
     return StorageError(f"S3 request for {uri} failed: {detail}", uri=uri)
 
 
-def _translate(error: Exception, uri: str) -> StorageError:
+def _translate(error: Exception, uri: str, attempts: int = 0) -> StorageError:
+    """``attempts``: how often the request was tried, where botocore's own text does not say it."""
     if isinstance(error, NoCredentialsError | PartialCredentialsError):
         return AccessDeniedError(
             f"access to {uri} denied: no usable S3 credentials found; {_CREDENTIALS_HINT}", uri=uri
@@ -135,18 +166,30 @@ def _translate(error: Exception, uri: str) -> StorageError:
         details: dict[str, Any] = error.response.get("Error", {})
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return _error(uri, str(details.get("Code", "")), status, str(error))
+    if isinstance(error, RetriesExceededError):  # s3transfer's, for a download whose body kept breaking
+        return StorageError(
+            f"S3 request for {uri} failed: {error.last_exception} (gave up after {DOWNLOAD_ATTEMPTS} "
+            "attempts: the store may be unreachable or overloaded; restarting the job may succeed)",
+            uri=uri,
+        )
+    if attempts and isinstance(error, BotoConnectionError | HTTPClientError | URLLib3Error):
+        return StorageError(
+            f"S3 request for {uri} failed: {error} (gave up after {attempts} attempts: the store may be "
+            "unreachable or overloaded; restarting the job may succeed)",
+            uri=uri,
+        )
     return StorageError(f"S3 request for {uri} failed: {error}", uri=uri)
 
 
-_STORAGE_ERRORS = (BotoCoreError, ClientError, RetriesExceededError)
+_STORAGE_ERRORS = (BotoCoreError, ClientError, RetriesExceededError, URLLib3Error)
 
 
-def _wait(transfer: TransferFuture, uri: str) -> None:
+def _wait(transfer: TransferFuture, uri: str, attempts: int) -> None:
     """Waits for one transfer; a failure leaves the manager's ``with``, which cancels the others."""
     try:
         transfer.result()
     except _STORAGE_ERRORS as error:
-        raise _translate(error, uri) from error
+        raise _translate(error, uri, attempts) from error
 
 
 def _refuse_bucket_root(uri: str) -> None:
@@ -206,6 +249,10 @@ class S3Store(ObjectStore):
     Transfers go through boto3's classic (thread-based) transfer manager: objects at or above
     ``multipart_chunk_mb`` MiB move as parallel parts of that size (AWS advises 8-16 MB ranges), and at
     most ``max_concurrency`` requests are in flight at once, across all the files of one call.
+
+    Every request is bounded in time (see ``RETRIES``): ``max_attempts`` retries after the first try
+    (botocore's meaning of the word), ``connect_timeout`` and ``read_timeout`` seconds per try. Tests
+    lower them to reach a permanent fault's error quickly; production uses the defaults.
     """
 
     def __init__(
@@ -214,9 +261,11 @@ class S3Store(ObjectStore):
         region: str | None = None,
         *,
         retry_mode: str = "adaptive",
-        max_attempts: int = 10,
+        max_attempts: int = RETRIES,
         max_concurrency: int = 16,
         multipart_chunk_mb: int = 16,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        read_timeout: float = READ_TIMEOUT_S,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
@@ -233,6 +282,8 @@ class S3Store(ObjectStore):
             }
         config = Config(
             retries={"mode": retry_mode, "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=max_concurrency,
             **options,
         )
@@ -240,27 +291,37 @@ class S3Store(ObjectStore):
             "s3", endpoint_url=endpoint or None, region_name=region or None, config=config
         )
         self._max_concurrency = max_concurrency
+        self._attempts = max_attempts + 1
         self._transfer_config = TransferConfig(
             multipart_threshold=multipart_chunk_mb * MIB,
             multipart_chunksize=multipart_chunk_mb * MIB,
             max_concurrency=max_concurrency,
+            num_download_attempts=DOWNLOAD_ATTEMPTS,
             # The CRT client ignores these limits and is only picked when awscrt happens to be installed.
             preferred_transfer_client="classic",
         )
 
     def get_bytes(self, uri: str) -> bytes:
+        """The whole object, or an error: a body cut short is fetched again, never returned in part."""
         bucket, key = parse_s3_uri(uri)
-        try:
-            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except _STORAGE_ERRORS as error:
-            raise _translate(error, uri) from error
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                try:
+                    body = self._client.get_object(Bucket=bucket, Key=key)["Body"]
+                except (BotoCoreError, ClientError) as error:  # botocore has retried these already
+                    raise _translate(error, uri, self._attempts) from error
+                return body.read()  # botocore checks the length against Content-Length
+            except _BROKEN_BODY as error:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise _translate(error, uri, DOWNLOAD_ATTEMPTS) from error
+        raise AssertionError("unreachable")
 
     def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         bucket, key = parse_s3_uri(uri)
         try:
             self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
         except _STORAGE_ERRORS as error:
-            raise _translate(error, uri) from error
+            raise _translate(error, uri, self._attempts) from error
 
     def download_file(self, uri: str, destination: Path) -> Path:
         bucket, key = parse_s3_uri(uri)
@@ -320,7 +381,7 @@ class S3Store(ObjectStore):
                     Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
             except _STORAGE_ERRORS as error:
-                raise _translate(error, uri) from error
+                raise _translate(error, uri, self._attempts) from error
             for failure in response.get("Errors", []):
                 failed = _uri(bucket, failure.get("Key", ""))
                 code = str(failure.get("Code", ""))
@@ -334,7 +395,7 @@ class S3Store(ObjectStore):
         try:
             yield from paginator.paginate(Bucket=bucket, Prefix=prefix, **arguments)
         except _STORAGE_ERRORS as error:
-            raise _translate(error, uri) from error
+            raise _translate(error, uri, self._attempts) from error
 
     def _objects(self, bucket: str, prefix: str, uri: str) -> Iterator[dict[str, Any]]:
         """Objects under ``prefix``, without the zero-byte "directory" markers consoles create."""
@@ -354,7 +415,7 @@ class S3Store(ObjectStore):
         ):
             transfers = [manager.download(bucket, key, str(target)) for key, _, target in jobs]
             for (key, _, target), transfer in zip(jobs, transfers, strict=True):
-                _wait(transfer, _uri(bucket, key))
+                _wait(transfer, _uri(bucket, key), self._attempts)
                 digests.append(hashers.submit(_digest, target))
         return [
             StoredFile(str(relative), *d.result()) for (_, relative, _), d in zip(jobs, digests, strict=True)
@@ -369,7 +430,7 @@ class S3Store(ObjectStore):
             digests = [hashers.submit(_digest, source) for source, _, _ in jobs]
             transfers = [manager.upload(str(source), bucket, key) for source, _, key in jobs]
             for (_, _, key), transfer in zip(jobs, transfers, strict=True):
-                _wait(transfer, _uri(bucket, key))
+                _wait(transfer, _uri(bucket, key), self._attempts)
         return [
             StoredFile(str(relative), *d.result()) for (_, relative, _), d in zip(jobs, digests, strict=True)
         ]

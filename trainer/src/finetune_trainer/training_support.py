@@ -24,7 +24,7 @@ import torch.distributed as dist
 from finetune_trainer import data
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
-from finetune_trainer.deepspeed_config import build_deepspeed_config
+from finetune_trainer.deepspeed_config import build_deepspeed_config, check_with_deepspeed
 from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.storage import AccessDeniedError, ObjectNotFoundError
 from finetune_trainer.worker_env import DEEPSPEED_TIMEOUT, DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES
@@ -120,6 +120,7 @@ def build_engine(config: TrainerConfig, model: torch.nn.Module, plan: Plan, rank
     hp = config.hyperparameters
     trainable = [p for p in model.parameters() if p.requires_grad]
     ds_config = build_deepspeed_config(config, ranks.world_size)
+    check_with_deepspeed(ds_config, ranks.world_size)  # a rejected config is not worth a restart
     optimizer = None
     if "optimizer" not in ds_config:  # ZeRO-Offload brings DeepSpeed's CPU Adam instead
         fused = ranks.device.type == "cuda"
