@@ -291,14 +291,34 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_progress_is_served(
             f"s3://{BUCKET}/models/missing/",
             id="missing-model",
         ),
+        pytest.param(
+            {"model": {"uri": f"s3://{BUCKET}/models/truncated/"}},
+            "model file model.safetensors is corrupt or truncated",
+            id="truncated-model",
+        ),
+        pytest.param(
+            {"deepspeed": {"config": {"train_batch_size": 7}}},
+            "deepspeed.config rejected by DeepSpeed",
+            id="deepspeed-rejects-config",
+        ),
+        pytest.param(
+            {"output": {"uri": "s3://no-such-bucket/out/"}},
+            "output.uri s3://no-such-bucket/out/: cannot write there",
+            id="output-not-writable",
+        ),
     ],
 )
-def test_unusable_inputs_exit_with_the_reserved_code_and_say_why(
+def test_what_no_restart_can_fix_exits_with_the_reserved_code_and_says_why(
     store: tuple[S3Server, Path], tmp_path: Path, spec: dict[str, Any], message: str
 ) -> None:
-    server, _ = store
+    server, tiny_model = store
     broken = [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(10)]
     put_jsonl(server.endpoint, BUCKET, "data/broken.jsonl", broken)
+    client = s3_client(server.endpoint)
+    for path in tiny_model.iterdir():  # the tiny model with its weights cut in half
+        body = path.read_bytes()
+        body = body[: len(body) // 2] if path.suffix == ".safetensors" else body
+        client.put_object(Bucket=BUCKET, Key=f"models/truncated/{path.name}", Body=body)
     run = run_trainer(
         trainer_config(server.endpoint, "broken", **spec), tmp_path, server.endpoint, processes=2
     )

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +32,9 @@ from finetune_trainer.summary import (
     read_rank_summaries,
     write_termination_message,
 )
+
+# How often a stop is passed on again while torchrun runs (the ranks treat repeats as one stop).
+FORWARD_EVERY_SECONDS = 1.0
 
 
 def _resolvable(host: str) -> bool:
@@ -125,21 +129,35 @@ def run_torchrun(argv: list[str], termination_log: str, summaries: Path, ranks: 
     torchrun also reports any failed rank as exit 1, which would hide the reserved code; the ranks'
     summaries say what happened.
     """
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    child = subprocess.Popen(argv)
-    signal.signal(signal.SIGTERM, previous)
+    stopping = threading.Event()
+    started: list[subprocess.Popen[bytes]] = []
 
-    def forward(_signum: int, _frame: object) -> None:
-        for pid in descendants(child.pid):  # the ranks (torchrun starts each in a session of its own)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+    def forward(_signum: int = 0, _frame: object = None) -> None:
+        stopping.set()
+        for child in started:
+            for pid in descendants(child.pid):  # the ranks (torchrun starts each in a session of its own)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    code = child.wait()
+    signal.signal(signal.SIGTERM, forward)  # before torchrun exists, so that no stop is lost
+    child = subprocess.Popen(argv, preexec_fn=_ignore_sigterm)
+    started.append(child)
+    while True:
+        try:
+            code = child.wait(timeout=FORWARD_EVERY_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            if stopping.is_set():  # again: ranks that torchrun started after the first forward
+                forward()
     summary = node_summary(read_rank_summaries(summaries), ranks)
     if summary is not None:
         write_termination_message(termination_log, summary)
     return exit_code(code, summary)
+
+
+def _ignore_sigterm() -> None:
+    """In torchrun's process, before exec: SIGTERM is the ranks' own to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def descendants(pid: int) -> list[int]:
