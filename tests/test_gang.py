@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.fault_injection import FAULTS
+from finetune_trainer.fault_injection import FAULTS, STEPPED_SITES
 from finetune_trainer.launch import descendants
 from finetune_trainer.summary import (
     NON_FINITE_LOSS,
@@ -79,20 +79,8 @@ def run_with_faults(config: TrainerConfig, workdir: Path, server: S3Server, faul
     return run
 
 
-# The sites that know the step: a fault there waits for a step; the others fire the first time.
-STEPPED = {
-    "step",
-    "log",
-    "evaluate",
-    "checkpoint-save",
-    "checkpoint-upload",
-    "checkpoint-finish",
-    "stop-check",
-}
-
-
 def fault(site: str, rank: int, action: str, step: int) -> str:
-    return f"{site}:{rank}:{action}:{step}" if site in STEPPED else f"{site}:{rank}:{action}"
+    return f"{site}:{rank}:{action}:{step}" if site in STEPPED_SITES else f"{site}:{rank}:{action}"
 
 
 # One fault per place a rank can be: before the first collective, inside each collective site of the

@@ -41,6 +41,8 @@ SITES = (
     "stop-check",
     "outputs",
 )
+# The sites that know the step: a fault there waits for its step; elsewhere it fires the first time.
+STEPPED_SITES = frozenset(SITES[SITES.index("step") : SITES.index("stop-check") + 1])
 ACTIONS = ("raise", "fatal", "hang", "kill", "nan")
 
 _fired: set[str] = set()
