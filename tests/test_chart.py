@@ -500,6 +500,8 @@ def test_values_reach_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> No
         "progressInterval": 4,
         "progressRate": 0.5,
         "workerTerminationGraceSeconds": 1200000,
+        "workerRendezvousPort": 31001,
+        "workerProgressPort": 31002,
         "livenessPort": 8081,
         "metrics": {"port": 9191},
     }
@@ -514,6 +516,7 @@ def test_values_reach_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> No
     assert args.log_format == "plain"
     assert (args.resync_seconds, args.progress_interval, args.progress_rate) == (12.5, 4.0, 0.5)
     assert args.termination_grace_seconds == 1200000
+    assert (args.rendezvous_port, args.progress_port) == (31001, 31002)
     assert (args.liveness_port, args.metrics_port) == (8081, 9191)
     ports = {port["name"]: port["containerPort"] for port in operator["ports"]}
     assert ports == {"healthz": 8081, "metrics": 9191}
@@ -525,6 +528,7 @@ def test_defaults_reach_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> 
     assert args.default_image == DEFAULT_TRAINER_IMAGE
     assert args.namespace == [] and args.peering == ""
     assert (args.liveness_port, args.metrics_port) == (8080, 9090)
+    assert (args.rendezvous_port, args.progress_port) == (29500, 29600)
     assert args.log_format == "json"
     # The chart's defaults are the operator's own.
     assert args == _parse_operator_flags(monkeypatch, {})
@@ -599,6 +603,8 @@ def test_default_trainer_image_is_the_operators() -> None:
         ({"nodeSelector": {"pool": 1}}, "at '/nodeSelector/pool'"),
         ({"trainerImage": ""}, "at '/trainerImage'"),
         ({"progressRate": 0}, "at '/progressRate'"),
+        ({"workerProgressPort": 0}, "at '/workerProgressPort'"),
+        ({"workerRendezvousPort": "29500"}, "at '/workerRendezvousPort'"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_field(values: dict[str, Any], message: str) -> None:
@@ -611,6 +617,13 @@ def test_schema_rejects_bad_values_naming_the_field(values: dict[str, Any], mess
 def test_ports_must_differ() -> None:
     with pytest.raises(helm_python.HelmRenderError, match=r"livenessPort and metrics\.port must differ"):
         render({"livenessPort": 9090})
+
+
+def test_worker_ports_must_differ() -> None:
+    with pytest.raises(
+        helm_python.HelmRenderError, match=r"workerRendezvousPort and workerProgressPort must differ"
+    ):
+        render({"workerProgressPort": 29500})
 
 
 def test_existing_service_account_needs_a_name() -> None:

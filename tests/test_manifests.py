@@ -13,14 +13,16 @@ import pytest
 import yaml
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.cli import main as cli_main
+from finetune_operator.controller import runner
 from finetune_operator.controller.manifests import (
-    MASTER_PORT,
+    DEFAULT_RENDEZVOUS_PORT,
     UNASSIGNED_UID,
     WorkerSettings,
     build_gang,
     build_worker_pod,
 )
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer import worker_env
+from finetune_trainer.config import PROGRESS_PORT, TrainerConfig
 from finetune_trainer.launch import torchrun_argv, wait_for_host
 
 from tests.manifests import minimal_manifest
@@ -104,7 +106,7 @@ def test_rendezvous_environment_names_worker_zero_under_the_headless_service() -
         env = _env(pod)
         assert (env["NNODES"], env["NODE_RANK"]) == ("3", str(rank))
         assert env["MASTER_ADDR"] == "llm-worker-0.llm-workers"
-        assert env["MASTER_PORT"] == str(MASTER_PORT)
+        assert env["MASTER_PORT"] == str(DEFAULT_RENDEZVOUS_PORT)
         assert pod["spec"]["hostname"] == f"llm-worker-{rank}"
         assert pod["spec"]["subdomain"] == "llm-workers"
         assert pod["metadata"]["labels"]["finetune.dev/attempt"] == "2"
@@ -116,6 +118,114 @@ def test_only_worker_zero_reports_readiness() -> None:
     probes = [p["spec"]["containers"][0].get("readinessProbe") for p in _pods(_gang())]
     assert probes[0]["httpGet"] == {"path": "/progress", "port": 29600}
     assert probes[1:] == [None, None]
+
+
+def _ports(gang: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every place a port of the gang is written, by where."""
+    service, config_map, *pods = gang
+    config = TrainerConfig.model_validate(json.loads(config_map["data"]["config.json"]))
+    [service_port] = service["spec"]["ports"]
+    return {
+        "service": (service_port["port"], service_port["targetPort"]),
+        "containers": {
+            tuple((p["name"], p["containerPort"]) for p in pod["spec"]["containers"][0]["ports"])
+            for pod in pods
+        },
+        "probe": pods[0]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"],
+        "master_port": {_env(pod)["MASTER_PORT"] for pod in pods},
+        "trainer_progress_port": config.reporting.progress_port,
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "rendezvous", "progress"),
+    [
+        pytest.param(SETTINGS, 29500, 29600, id="defaults"),
+        pytest.param(
+            WorkerSettings(default_image="t", rendezvous_port=31001, progress_port=31002),
+            31001,
+            31002,
+            id="the-operators-settings",
+        ),
+    ],
+)
+def test_the_operators_ports_reach_every_object_that_names_one(
+    settings: WorkerSettings, rendezvous: int, progress: int
+) -> None:
+    gang = build_gang(parse_finetune_job(BASE), "uid-1", attempt=0, settings=settings)
+    assert _ports(gang) == {
+        "service": (rendezvous, rendezvous),
+        "containers": {(("rendezvous", rendezvous), ("progress", progress))},
+        "probe": progress,
+        "master_port": {str(rendezvous)},
+        "trainer_progress_port": progress,
+    }
+    assert (DEFAULT_RENDEZVOUS_PORT, PROGRESS_PORT) == (29500, 29600)
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        pytest.param({"rendezvous_port": 29600}, "must differ", id="the-same-port-twice"),
+        pytest.param({"progress_port": 0}, "progress_port must be a port number", id="progress-port-zero"),
+        pytest.param({"rendezvous_port": 65536}, "rendezvous_port must be a port", id="rendezvous-too-high"),
+    ],
+)
+def test_settings_refuse_ports_that_cannot_work(ports: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkerSettings(default_image="t", **ports)
+
+
+@pytest.mark.parametrize(
+    ("argv", "variables", "expected"),
+    [
+        pytest.param([], {}, (29500, 29600), id="defaults"),
+        pytest.param(
+            [],
+            {"FINETUNE_RENDEZVOUS_PORT": "31001", "FINETUNE_PROGRESS_PORT": "31002"},
+            (31001, 31002),
+            id="environment",
+        ),
+        pytest.param(
+            ["--rendezvous-port", "32001", "--progress-port", "32002"],
+            {"FINETUNE_RENDEZVOUS_PORT": "31001"},
+            (32001, 32002),
+            id="flags-win",
+        ),
+    ],
+)
+def test_operator_port_flags(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], variables: dict[str, str], expected: tuple[int, int]
+) -> None:
+    for name in ("FINETUNE_RENDEZVOUS_PORT", "FINETUNE_PROGRESS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    args = runner.build_parser().parse_args(argv)
+    assert (args.rendezvous_port, args.progress_port) == expected
+
+
+def test_operator_refuses_equal_ports_before_it_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(["--rendezvous-port", "31000", "--progress-port", "31000"])
+    assert exit_.value.code == 2
+    assert "must differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("grace", "stop_grace"),
+    [
+        pytest.param(300, 300 - worker_env.STOP_GRACE_MARGIN_SECONDS, id="default-grace"),
+        pytest.param(30, 30 - worker_env.STOP_GRACE_MARGIN_SECONDS, id="short-grace"),
+        pytest.param(worker_env.STOP_GRACE_MARGIN_SECONDS, 1, id="grace-no-longer-than-the-margin"),
+        pytest.param(0, 1, id="no-grace"),
+    ],
+)
+def test_the_trainer_gets_the_grace_period_less_its_margin(grace: int, stop_grace: int) -> None:
+    settings = WorkerSettings(default_image="t", termination_grace_seconds=grace)
+    for pod in _pods(build_gang(parse_finetune_job(BASE), "uid-1", attempt=0, settings=settings)):
+        assert pod["spec"]["terminationGracePeriodSeconds"] == grace
+        assert _env(pod)[worker_env.STOP_GRACE_SECONDS] == str(stop_grace)
 
 
 def test_pod_details_users_expect() -> None:

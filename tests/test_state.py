@@ -19,7 +19,7 @@ from finetune_operator.controller.state import (
     record_error,
     set_condition,
 )
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
+from finetune_trainer.summary import NON_FINITE_LOSS, NON_RETRYABLE_EXIT_CODE, STALLED, TerminationSummary
 
 from tests.manifests import minimal_manifest
 
@@ -58,8 +58,17 @@ def succeeded(**summary: Any) -> dict[str, Any]:
     return {"phase": "Succeeded", "started": True, "exit_code": 0, "termination_message": message}
 
 
-def failed(code: int, reason: str = "Error", error: str = "") -> dict[str, Any]:
-    message = TerminationSummary(outcome="failed", error=error).to_message() if error else ""
+def failed(
+    code: int, reason: str = "Error", error: str = "", because: str = "", **summary: Any
+) -> dict[str, Any]:
+    """A failed worker (``reason``: the kubelet's); with ``error``, ``because`` (the trainer's reason)
+    or other summary fields, the trainer's termination summary."""
+    written = error or because or summary
+    message = (
+        TerminationSummary(outcome="failed", error=error, reason=because, **summary).to_message()
+        if written
+        else ""
+    )
     return {
         "phase": "Failed",
         "started": True,
@@ -67,6 +76,19 @@ def failed(code: int, reason: str = "Error", error: str = "") -> dict[str, Any]:
         "reason": reason,
         "termination_message": message,
     }
+
+
+# What a worker says when it ended only because another rank failed.
+COLLATERAL = {"error": "rank 1 failed; stopping", "collateral": True, "rank": 1}
+# A 78 exit carrying NonFiniteLoss: the trainer's default (runPolicy.nonFiniteLoss: fail).
+NAN_LOSS = {"error": "the training loss is nan at step 12", "because": NON_FINITE_LOSS, "retryable": False}
+STALL = {"error": "no optimizer step for 600s; stacks are in the log", "because": STALLED, "rank": 1}
+# A succeeded worker 0 whose loss went NaN: JSON writes it null, which must not lose the rest.
+NAN_TRAIN_LOSS_MESSAGE = (
+    '{"outcome": "succeeded", "outputModel": "s3://out/job/model/", "step": 40,'
+    ' "metrics": {"trainLoss": null, "evalLoss": 1.5},'
+    ' "notes": ["trainLoss omitted: nan is not a finite number"]}'
+)
 
 
 def running_status(**extra: Any) -> dict[str, Any]:
@@ -265,6 +287,130 @@ CASES = [
         {"phase": "Restarting", "message": "OOMKilled: worker 1"},
     ),
     (
+        "a-worker-that-is-not-collateral-is-the-cause-though-it-finished-later",
+        job(running_status()),
+        [
+            pod(0, **failed(1, **COLLATERAL), finished_at="2026-11-21T12:00:01Z"),
+            pod(
+                1,
+                **failed(1, error="CUDA error: an illegal memory access"),
+                finished_at="2026-11-21T12:00:04Z",
+            ),
+        ],
+        {
+            "phase": "Restarting",
+            "message": "WorkerFailed: worker 1 (pod job-worker-1) exited with code 1 (CUDA",
+        },
+    ),
+    (
+        "among-non-collateral-failures-the-first-to-finish-is-the-cause",
+        job(running_status()),
+        [
+            pod(0, **failed(1, **COLLATERAL), finished_at="2026-11-21T12:00:01Z"),
+            pod(1, **failed(1, error="disk full"), finished_at="2026-11-21T12:00:09Z"),
+            pod(2, **failed(137, reason="OOMKilled"), finished_at="2026-11-21T12:00:05Z"),
+        ],
+        {"phase": "Restarting", "message": "OOMKilled: worker 2"},
+    ),
+    (
+        "only-collateral-failures-seen-the-first-to-finish-is-named",
+        job(running_status()),
+        [
+            pod(0, **failed(1, **COLLATERAL), finished_at="2026-11-21T12:00:03Z"),
+            pod(1, **failed(1, **COLLATERAL), finished_at="2026-11-21T12:00:02Z"),
+        ],
+        {"phase": "Restarting", "message": "worker 1 (pod job-worker-1) exited with code 1 (rank 1 failed"},
+    ),
+    (
+        "stalled-rank-restarts-the-gang-with-reason-and-condition-stalled",
+        job(running_status()),
+        [
+            pod(0, **failed(1, **COLLATERAL), finished_at="2026-11-21T12:00:01Z"),
+            pod(1, **failed(1, **STALL), finished_at="2026-11-21T12:00:02Z"),
+        ],
+        {
+            "phase": "Restarting",
+            "restarts": 1,
+            "events": ["GangRestart"],
+            "message": "Stalled: worker 1 (pod job-worker-1) exited with code 1 (no optimizer step for 600s",
+            "conditions": {
+                "Stalled": ("Stalled", "worker 1 (pod job-worker-1) exited with code 1 (no optimizer")
+            },
+            "gang_restarted": True,
+        },
+    ),
+    (
+        "stalled-past-the-backoff-limit-fails-naming-the-stall",
+        job(running_status(restarts=2)),
+        [pod(0, attempt=2, **RUNNING), pod(1, attempt=2, **failed(1, **STALL))],
+        {
+            "phase": "Failed",
+            "message": "last failure: Stalled: worker 1",
+            "conditions": {
+                "Failed": ("BackoffLimitExceeded", "last failure: Stalled"),
+                "Stalled": ("Stalled", "no optimizer step for 600s"),
+            },
+        },
+    ),
+    (
+        "non-finite-loss-fails-at-once-with-its-reason-and-condition",
+        job(running_status()),
+        [
+            pod(0, **failed(NON_RETRYABLE_EXIT_CODE, **NAN_LOSS), finished_at="2026-11-21T12:00:04Z"),
+            pod(
+                1,
+                **failed(NON_RETRYABLE_EXIT_CODE, **COLLATERAL, retryable=False),
+                finished_at="2026-11-21T12:00:01Z",
+            ),
+        ],
+        {
+            "phase": "Failed",
+            "restarts": 0,
+            "events": ["NonFiniteLoss"],
+            "message": "worker 0 (pod job-worker-0): the training loss is nan at step 12",
+            "conditions": {
+                "Failed": ("NonFiniteLoss", "worker 0 (pod job-worker-0): the training loss is nan"),
+                "NonFiniteLoss": ("NonFiniteLoss", "worker 0 (pod job-worker-0): the training loss is nan"),
+            },
+            "completion": True,
+        },
+    ),
+    (
+        "non-finite-loss-with-restart-policy-restarts-the-gang",
+        job(running_status(), nonFiniteLoss="restart"),
+        [pod(0, **failed(1, **{**NAN_LOSS, "retryable": True})), pod(1, **RUNNING)],
+        {
+            "phase": "Restarting",
+            "restarts": 1,
+            "message": "NonFiniteLoss: worker 0 (pod job-worker-0) exited with code 1 (the training loss",
+            "conditions": {"NonFiniteLoss": ("NonFiniteLoss", "the training loss is nan at step 12")},
+        },
+    ),
+    (
+        "a-reason-kubernetes-would-refuse-is-not-used",
+        job(running_status()),
+        [pod(0, **failed(1, error="boom", because="not a reason!")), pod(1, **RUNNING)],
+        {
+            "phase": "Restarting",
+            "message": "WorkerFailed: worker 0",
+            "no_conditions": ["Stalled", "NonFiniteLoss"],
+        },
+    ),
+    (
+        "succeeded-with-a-nan-train-loss-keeps-the-output-model-and-the-other-metrics",
+        job(running_status(progress={"step": 39, "totalSteps": 40, "percent": 97})),
+        [
+            pod(0, phase="Succeeded", started=True, exit_code=0, termination_message=NAN_TRAIN_LOSS_MESSAGE),
+            pod(1, **succeeded()),
+        ],
+        {
+            "phase": "Succeeded",
+            "output_model": "s3://out/job/model/",
+            "metrics": {"evalLoss": 1.5},
+            "conditions": {"Succeeded": ("Succeeded", "trainLoss omitted: nan is not a finite number")},
+        },
+    ),
+    (
         "deadline-exceeded",
         job(running_status(startTime=ts(NOW - timedelta(hours=2))), activeDeadlineSeconds=3600),
         [pod(0, **READY), pod(1, **RUNNING)],
@@ -352,6 +498,12 @@ def test_lifecycle(observed: JobObservation, pods: list[PodObservation], expect:
         condition = _condition(decision, type_)
         assert condition is not None and (condition["status"], condition["reason"]) == ("True", reason)
         assert condition["message"]
+    for type_, (reason, message) in expect.get("conditions", {}).items():
+        condition = _condition(decision, type_)
+        assert condition is not None and (condition["status"], condition["reason"]) == ("True", reason), type_
+        assert message in condition["message"], condition
+    for type_ in expect.get("no_conditions", []):
+        assert _condition(decision, type_) is None, type_
     if "condition_false" in expect:
         assert _condition(decision, expect["condition_false"])["status"] == "False"
     if "completion" in expect:
@@ -399,6 +551,34 @@ def test_running_job_takes_its_progress_from_rank_zero() -> None:
     observed = replace(job(running_status()), progress={"step": 3, "totalSteps": 6, "trainLoss": 2.0})
     decision = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW)
     assert decision.status.progress.percent == 50 and decision.status.metrics == {"trainLoss": 2.0}
+    assert decision.events == []
+
+
+@pytest.mark.parametrize(
+    ("document", "progress", "metrics"),
+    [
+        pytest.param(
+            {"step": 3, "totalSteps": 6, "trainLoss": float("nan"), "evalMetrics": {"evalLoss": 1.0}},
+            {"step": 3, "totalSteps": 6, "epoch": 0.0, "percent": 50},
+            {"trainLoss": 1.25, "evalLoss": 1.0},
+            id="nan-loss-keeps-the-last-finite-one",
+        ),
+        pytest.param(
+            {"step": 3, "totalSteps": float("inf"), "trainLoss": 2.0},
+            {"step": 1, "totalSteps": 6, "percent": 16},
+            {"trainLoss": 1.25},
+            id="non-finite-total-steps-changes-nothing",
+        ),
+    ],
+)
+def test_a_progress_document_with_non_finite_numbers_never_reaches_the_status(
+    document: dict[str, Any], progress: dict[str, Any], metrics: dict[str, float]
+) -> None:
+    before = running_status(progress={"step": 1, "totalSteps": 6, "percent": 16}, metrics={"trainLoss": 1.25})
+    observed = replace(job(before), progress=document)
+    decision = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW)
+    status = decision.status.to_api()
+    assert (status["phase"], status["progress"], status["metrics"]) == ("Running", progress, metrics)
     assert decision.events == []
 
 

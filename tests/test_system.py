@@ -3,9 +3,11 @@
 The operator (kopf, in-process, as the chart's ServiceAccount) runs against the real control plane;
 the scheduler binds the workers to the process kubelet's node (tainted: only these jobs tolerate
 it) and the process kubelet (tests/kube/process_kubelet.py) runs them as local processes (two
-nodes are two launchers of one CPU rank each, meeting at worker 0's torchrun store on
-127.0.0.1:29500); the trainer reads and writes a moto S3 server on loopback, with credentials from
-a Secret as a cluster gives them. Each scenario checks what a user would see: the job's status, its events,
+nodes are two launchers of one CPU rank each, meeting at worker 0's torchrun store on 127.0.0.1).
+The pods share the host's network, so every run gives the operator free rendezvous and progress
+ports (its --rendezvous-port and --progress-port settings) and two runs on one machine never meet.
+The trainer reads and writes a moto S3 server on loopback, with credentials from a Secret as a
+cluster gives them. Each scenario checks what a user would see: the job's status, its events,
 the trainer's logs and what lands in S3.
 """
 
@@ -31,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.kube.client import KubeClient
 from tests.kube.cluster import PROCESS_NODE, Identity, RealCluster
+from tests.kube.controlplane import free_ports
 from tests.kube.fixtures import OperatorRun, running_operator
 from tests.kube.nodes import PROCESS_TAINT
 from tests.kube.process_kubelet import ProcessKubelet
@@ -86,6 +89,7 @@ class System(NamedTuple):
     kubelet: ProcessKubelet
     operator: OperatorRun
     namespace: str
+    settings: WorkerSettings
 
 
 Running = Callable[[], contextlib.AbstractAsyncContextManager[System]]
@@ -102,14 +106,20 @@ def system(
         kube = control_plane.admin
         secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
         kube.create_object("v1/secrets", {"metadata": {"name": "s3-creds"}, "stringData": secret}, namespace)
-        settings = WorkerSettings(default_image="trainer:test", termination_grace_seconds=GRACE_SECONDS)
-        poller = ProgressPoller(interval=1.0)  # worker 0's /progress, at 127.0.0.1:29600
+        rendezvous, progress = free_ports(2)
+        settings = WorkerSettings(
+            default_image="trainer:test",
+            termination_grace_seconds=GRACE_SECONDS,
+            rendezvous_port=rendezvous,
+            progress_port=progress,
+        )
+        poller = ProgressPoller(interval=1.0, port=settings.progress_port)  # worker 0's, at 127.0.0.1
         api = KubeApi(operator_identity.api_client())
         memo = operator_memo(api, settings, OperatorMetrics(), poller, resync_seconds=0.5)
         connection = operator_identity.connection(control_plane.url, control_plane.ca_path)
         async with running_operator(connection, registry, namespaces=[namespace], memo=memo) as operator:
             async with ProcessKubelet(kube, tmp_path / "pods", namespace, node=PROCESS_NODE) as kubelet:
-                yield System(kube, kubelet, operator, namespace)
+                yield System(kube, kubelet, operator, namespace, settings)
             assert kubelet.alive() == [], "processes survived the kubelet"
 
     return running
@@ -202,10 +212,16 @@ async def test_two_node_lora_job_runs_to_a_loadable_adapter(
         )
         done = await phase(cluster, "lora", "Succeeded")
         workers = [cluster.kubelet.instances(f"lora-worker-{rank}") for rank in (0, 1)]
+        worker_zero = cluster.kube.get_object("v1/pods", cluster.namespace, "lora-worker-0") or {}
     phases = dedupe([s.get("phase", "") for s in samples])
     assert phases == ["Pending", "Initializing", "Running", "Succeeded"], phases
     assert event_reasons(cluster, "lora") == ["Pending", "Initializing", "Running", "Succeeded"]
     assert [[p.exit_code for p in w] for w in workers] == [[0], [0]]
+    # The run's own ports, not the fixed defaults: another run on this machine cannot meet this one.
+    [container] = worker_zero["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    ports = (int(env["MASTER_PORT"]), container["readinessProbe"]["httpGet"]["port"])
+    assert ports == (cluster.settings.rendezvous_port, cluster.settings.progress_port) != (29500, 29600)
 
     # While it runs, the operator copies worker 0's /progress into the status.
     running = [s for s in samples if s.get("phase") == "Running" and s.get("progress")]

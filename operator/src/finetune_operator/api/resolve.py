@@ -111,9 +111,13 @@ def _method(job: FinetuneJob) -> MethodConfig:
 
 
 def resolve_trainer_config(
-    job: FinetuneJob, termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
+    job: FinetuneJob,
+    termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH,
+    progress_port: int = PROGRESS_PORT,
 ) -> TrainerConfig:
-    """Everything a worker needs, with every default applied; raises if the job is inconsistent."""
+    """Everything a worker needs, with every default applied; raises if the job is inconsistent.
+
+    ``progress_port`` is where global rank 0 serves /progress: the operator's setting, not the job's."""
     spec = job.spec
     hp = spec.hyperparameters
     dataset = _copy(DatasetConfig, spec.dataset)
@@ -155,6 +159,6 @@ def resolve_trainer_config(
             stall_timeout_seconds=spec.run_policy.stall_timeout_seconds or None,
         ),
         reporting=ReportingConfig(
-            progress_port=PROGRESS_PORT, termination_message_path=termination_message_path
+            progress_port=progress_port, termination_message_path=termination_message_path
         ),
     )

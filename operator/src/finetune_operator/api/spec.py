@@ -496,7 +496,10 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """A Kubernetes-style condition (metav1.Condition)."""
 
-    type: str = Field(description="Condition type, e.g. Ready, Succeeded, Failed, Suspended.")
+    type: str = Field(
+        description="Condition type: Running, Succeeded, Failed, Suspended, ChildrenDeleted, ReconcileError, "
+        "and Stalled or NonFiniteLoss when the trainer reported one."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(
         default="", description="CamelCase reason, e.g. Unschedulable or BackoffLimitExceeded."

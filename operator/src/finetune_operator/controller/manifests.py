@@ -39,7 +39,8 @@ from finetune_operator.api.spec import FinetuneJob
 
 # The trainer image of this release; the operator's --default-image (Helm: trainerImage) overrides it.
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
-MASTER_PORT = 29500
+# Worker 0's torchrun store (MASTER_PORT); the operator's --rendezvous-port overrides it.
+DEFAULT_RENDEZVOUS_PORT = 29500
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.json"
 WORKSPACE = worker_env.DEFAULT_WORKSPACE
@@ -61,6 +62,23 @@ class WorkerSettings:
     # Seconds the launcher waits for worker 0's DNS name and torchrun's rendezvous waits for peers.
     rendezvous_timeout_seconds: int = worker_env.DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS
     run_as_user: int = 1000
+    # Worker 0's rendezvous port (torchrun's store) and global rank 0's /progress and /metrics port:
+    # container ports, the Service, the readiness probe, MASTER_PORT and the trainer's configuration.
+    rendezvous_port: int = DEFAULT_RENDEZVOUS_PORT
+    progress_port: int = PROGRESS_PORT
+
+    def __post_init__(self) -> None:
+        for name in ("rendezvous_port", "progress_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be a port number (1-65535), got {getattr(self, name)}")
+        if self.rendezvous_port == self.progress_port:
+            raise ValueError(f"the rendezvous and progress ports must differ (both are {self.progress_port})")
+
+    @property
+    def stop_grace_seconds(self) -> int:
+        """What the trainer may take for a stop: the grace period less the margin it keeps for
+        ending itself before the kubelet's SIGKILL (at least a second)."""
+        return max(1, self.termination_grace_seconds - worker_env.STOP_GRACE_MARGIN_SECONDS)
 
 
 def owner_reference(job: FinetuneJob, uid: str) -> dict[str, Any]:
@@ -84,7 +102,7 @@ def _metadata(job: FinetuneJob, uid: str, name: str, extra_labels: dict[str, str
     }
 
 
-def build_service(job: FinetuneJob, uid: str) -> dict[str, Any]:
+def build_service(job: FinetuneJob, uid: str, settings: WorkerSettings) -> dict[str, Any]:
     """Headless, publishing not-ready pods, so that worker 0's DNS name exists before it is ready."""
     assert job.metadata.name is not None
     return {
@@ -95,15 +113,23 @@ def build_service(job: FinetuneJob, uid: str) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {**child_labels(job.metadata.name), LABEL_COMPONENT: "worker"},
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": settings.rendezvous_port,
+                    "targetPort": settings.rendezvous_port,
+                }
+            ],
         },
     }
 
 
-def build_config_map(job: FinetuneJob, uid: str) -> dict[str, Any]:
+def build_config_map(job: FinetuneJob, uid: str, settings: WorkerSettings) -> dict[str, Any]:
     """The resolved trainer configuration, validated by the trainer's own model."""
     assert job.metadata.name is not None
-    config = resolve_trainer_config(job, termination_message_path=TERMINATION_MESSAGE_PATH)
+    config = resolve_trainer_config(
+        job, termination_message_path=TERMINATION_MESSAGE_PATH, progress_port=settings.progress_port
+    )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -135,12 +161,13 @@ def _env(job: FinetuneJob, node_rank: int, settings: WorkerSettings) -> list[dic
         node_rank=node_rank,
         nproc_per_node=max(resources.gpus_per_node, 1),
         master_addr=master_address(job.metadata.name),
-        master_port=MASTER_PORT,
+        master_port=settings.rendezvous_port,
         termination_message_path=TERMINATION_MESSAGE_PATH,
         workspace=WORKSPACE,
         scratch_in_workspace=True,
         rendezvous_timeout_seconds=settings.rendezvous_timeout_seconds,
         process_group_timeout_minutes=settings.process_group_timeout_minutes,
+        stop_grace_seconds=settings.stop_grace_seconds,
     )
     env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in values.items()]
     env.append({"name": worker_env.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
@@ -186,8 +213,8 @@ def build_worker_pod(
         "command": ["python", "-m", "finetune_trainer.launch"],
         "env": _env(job, node_rank, settings),
         "ports": [
-            {"name": "rendezvous", "containerPort": MASTER_PORT},
-            {"name": "progress", "containerPort": PROGRESS_PORT},
+            {"name": "rendezvous", "containerPort": settings.rendezvous_port},
+            {"name": "progress", "containerPort": settings.progress_port},
         ],
         "resources": _resources(job),
         "volumeMounts": [
@@ -207,7 +234,7 @@ def build_worker_pod(
     if node_rank == 0:
         # Global rank 0 answers /progress once training runs: Ready means the job is Running.
         container["readinessProbe"] = {
-            "httpGet": {"path": "/progress", "port": PROGRESS_PORT},
+            "httpGet": {"path": "/progress", "port": settings.progress_port},
             "periodSeconds": 10,
             "failureThreshold": 3,
         }
@@ -254,7 +281,7 @@ def build_worker_pod(
 def build_gang(job: FinetuneJob, uid: str, attempt: int, settings: WorkerSettings) -> list[dict[str, Any]]:
     """Everything one attempt needs, in creation order: Service, ConfigMap, then one pod per node."""
     return [
-        build_service(job, uid),
-        build_config_map(job, uid),
+        build_service(job, uid, settings),
+        build_config_map(job, uid, settings),
         *(build_worker_pod(job, uid, rank, attempt, settings) for rank in range(job.spec.resources.nodes)),
     ]

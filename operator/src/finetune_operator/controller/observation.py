@@ -7,6 +7,7 @@ body or a raw document, and so that the pod index (``handlers.py``) parses each 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,27 +89,65 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
     )
 
 
+def _number(value: Any) -> float | None:
+    """A finite JSON number, else None: the document is another process's, and json.loads reads NaN,
+    Infinity and -Infinity, which the status (JSON, for the API server) cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _count(value: Any) -> int | None:
+    """A finite, non-negative number that fits the API server's int64, as an int; else None."""
+    number = _number(value)
+    return int(number) if number is not None and 0 <= number < 2**63 else None
+
+
+def _checkpoint(entry: Any) -> CheckpointStatus | None:
+    """One entry of the document's checkpoints, or None when it lacks a step or a URI."""
+    if not isinstance(entry, dict):
+        return None
+    step, uri = _count(entry.get("step")), entry.get("uri")
+    if step is None or not isinstance(uri, str) or not uri:
+        return None
+    fields: dict[str, Any] = {"step": step, "uri": uri}
+    if (loss := _number(entry.get("evalLoss"))) is not None:
+        fields["evalLoss"] = loss
+    if isinstance(entry.get("time"), str):
+        fields["time"] = entry["time"]
+    return CheckpointStatus.model_validate(fields)
+
+
 def progress_status(document: dict[str, Any]) -> FinetuneJobStatus:
     """status.progress, status.metrics and status.checkpoints (only these set) from rank 0's /progress
-    document."""
-    step, total = int(document.get("step") or 0), int(document.get("totalSteps") or 0)
+    document. Never raises: a value that is missing, of the wrong type or not a finite number (NaN,
+    Infinity) is left out, and the rest is kept."""
+    step, total = _count(document.get("step")) or 0, _count(document.get("totalSteps")) or 0
     progress = ProgressStatus(
         step=step,
         total_steps=total,
-        epoch=round(float(document.get("epoch") or 0.0), 3),
+        epoch=round(_number(document.get("epoch")) or 0.0, 3),
         percent=min(100, step * 100 // total) if total else 0,
     )
-    if document.get("etaSeconds") is not None:
-        progress.eta_seconds = int(document["etaSeconds"])
-    if document.get("tokensPerSecond") is not None:
-        progress.tokens_per_second = round(float(document["tokensPerSecond"]), 1)
-    metrics = {k: round(float(v), 4) for k, v in (document.get("evalMetrics") or {}).items()}
-    if document.get("trainLoss") is not None:
-        metrics["trainLoss"] = round(float(document["trainLoss"]), 4)
-    checkpoints = [
-        CheckpointStatus.model_validate(
-            {k: c[k] for k in ("step", "uri", "evalLoss", "time") if c.get(k) is not None}
-        )
-        for c in (document.get("checkpoints") or [])[-STATUS_CHECKPOINTS:]
+    if (eta := _count(document.get("etaSeconds"))) is not None:
+        progress.eta_seconds = eta
+    if (speed := _number(document.get("tokensPerSecond"))) is not None:
+        progress.tokens_per_second = round(speed, 1)
+    evaluated = document.get("evalMetrics")
+    metrics: dict[str, float] = {}
+    reported = [
+        *(evaluated.items() if isinstance(evaluated, dict) else []),
+        ("trainLoss", document.get("trainLoss")),
     ]
-    return FinetuneJobStatus(progress=progress, metrics=metrics, checkpoints=checkpoints)
+    for name, value in reported:
+        if (number := _number(value)) is not None:
+            metrics[name] = round(number, 4)
+    listed = document.get("checkpoints")
+    checkpoints = [c for c in map(_checkpoint, listed if isinstance(listed, list) else []) if c is not None]
+    return FinetuneJobStatus(
+        progress=progress, metrics=metrics, checkpoints=checkpoints[-STATUS_CHECKPOINTS:]
+    )

@@ -15,11 +15,16 @@ import sys
 from collections.abc import Sequence
 
 import kopf
+from finetune_trainer.config import PROGRESS_PORT
 from prometheus_client import start_http_server
 
 from finetune_operator.controller.handlers import OperatorContext, post_event, registry
 from finetune_operator.controller.kube import KubeApi, load_api_client
-from finetune_operator.controller.manifests import DEFAULT_TRAINER_IMAGE, WorkerSettings
+from finetune_operator.controller.manifests import (
+    DEFAULT_RENDEZVOUS_PORT,
+    DEFAULT_TRAINER_IMAGE,
+    WorkerSettings,
+)
 from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.controller.progress import ProgressPoller
 from finetune_operator.controller.reconciler import Reconciler
@@ -84,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("FINETUNE_TERMINATION_GRACE_SECONDS", "300")),
         help="workers' time between SIGTERM and SIGKILL, to save a checkpoint",
     )
+    parser.add_argument(
+        "--rendezvous-port",
+        type=int,
+        default=int(env("FINETUNE_RENDEZVOUS_PORT", str(DEFAULT_RENDEZVOUS_PORT))),
+        help="worker 0's rendezvous port (torchrun's MASTER_PORT) in every job",
+    )
+    parser.add_argument(
+        "--progress-port",
+        type=int,
+        default=int(env("FINETUNE_PROGRESS_PORT", str(PROGRESS_PORT))),
+        help="worker 0's /progress and /metrics port in every job (its readiness probe; polled here)",
+    )
     parser.add_argument("--log-format", choices=["json", "plain"], default=env("FINETUNE_LOG_FORMAT", "json"))
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -103,7 +120,17 @@ def operator_memo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = WorkerSettings(
+            default_image=args.default_image,
+            termination_grace_seconds=args.termination_grace_seconds,
+            rendezvous_port=args.rendezvous_port,
+            progress_port=args.progress_port,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
@@ -112,10 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.on.login(registry=registry)(kopf.login_via_client)
     metrics = OperatorMetrics()
     start_http_server(args.metrics_port, registry=metrics.registry)
-    settings = WorkerSettings(
-        default_image=args.default_image, termination_grace_seconds=args.termination_grace_seconds
+    poller = ProgressPoller(
+        interval=args.progress_interval, rate=args.progress_rate, port=settings.progress_port
     )
-    poller = ProgressPoller(interval=args.progress_interval, rate=args.progress_rate)
     memo = operator_memo(KubeApi(load_api_client()), settings, metrics, poller, args.resync_seconds)
     try:
         asyncio.run(

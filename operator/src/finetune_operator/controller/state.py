@@ -8,11 +8,18 @@ are: the decision is complete, status included.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, parse_termination_message
+from finetune_trainer.summary import (
+    NON_FINITE_LOSS,
+    NON_RETRYABLE_EXIT_CODE,
+    STALLED,
+    TerminationSummary,
+    parse_termination_message,
+)
 
 from finetune_operator.api.spec import Condition, FinetuneJob, FinetuneJobStatus, Phase, WorkersStatus
 from finetune_operator.api.timestamps import format_time, parse_time
@@ -21,6 +28,11 @@ from finetune_operator.controller.observation import PodObservation, progress_st
 TERMINAL_PHASES: tuple[Phase, ...] = ("Succeeded", "Failed")
 # Phases in which rank 0 reports progress, so the job is looked at again every poll interval.
 REPORTING_PHASES: tuple[Phase, ...] = ("Initializing", "Running")
+# Failure reasons the trainer reports that also become a condition of their own (type = reason,
+# status True, the trainer's message), so that they can be watched for and are not lost in the phase.
+TRAINER_CONDITIONS = (STALLED, NON_FINITE_LOSS)
+# A trainer's reason is used as a condition reason only in the form Kubernetes allows (metav1.Condition).
+_REASON = re.compile(r"[A-Za-z]([A-Za-z0-9_,:]{0,1022}[A-Za-z0-9_])?")
 
 
 @dataclass(frozen=True)
@@ -103,22 +115,45 @@ def record_error(
     return status.model_copy(update={"conditions": conditions})
 
 
+def _summary(pod: PodObservation) -> TerminationSummary | None:
+    return parse_termination_message(pod.termination_message)
+
+
+def _trainer_reason(summary: TerminationSummary | None) -> str:
+    """The reason the trainer gave for its failure (Stalled, NonFiniteLoss), when it gave a usable one."""
+    reason = summary.reason if summary is not None else ""
+    return reason if _REASON.fullmatch(reason) else ""
+
+
+def _cause(failed: list[PodObservation]) -> PodObservation:
+    """The failed worker whose failure ended the gang. A summary marked collateral says that its rank
+    ended only because another rank failed, so the others come first; among those, the first to finish
+    (the others often die of it: "connection reset by peer"), then the lowest node rank."""
+
+    def key(pod: PodObservation) -> tuple[bool, str, int]:
+        summary = _summary(pod)
+        return (summary is not None and summary.collateral, pod.finished_at or "~", pod.node_rank)
+
+    return min(failed, key=key)
+
+
 def _failure_description(pod: PodObservation) -> tuple[str, str]:
     """(reason, message) for a failed or lost worker, preferring the trainer's own words."""
-    summary = parse_termination_message(pod.termination_message)
+    summary = _summary(pod)
     where = f"worker {pod.node_rank} (pod {pod.name})"
+    reason = _trainer_reason(summary)
     if pod.exit_code == NON_RETRYABLE_EXIT_CODE:
         error = (
             summary.error if summary and summary.error else pod.termination_message or "non-retryable error"
         )
-        return "NonRetryableError", f"{where}: {error}"
+        return reason or "NonRetryableError", f"{where}: {error}"
     if pod.deleting and pod.phase not in ("Failed", "Succeeded"):
         return "WorkerDeleted", f"{where} was deleted (preemption, eviction or node drain)"
     if pod.reason == "Evicted" or pod.exit_code is None:
         return pod.reason or "WorkerFailed", f"{where} failed: {pod.message or pod.reason or 'no exit code'}"
     detail = summary.error if summary and summary.error else pod.reason
     suffix = f" ({detail})" if detail else ""
-    return ("OOMKilled" if pod.reason == "OOMKilled" else "WorkerFailed"), (
+    return (reason or ("OOMKilled" if pod.reason == "OOMKilled" else "WorkerFailed")), (
         f"{where} exited with code {pod.exit_code}{suffix}"
     )
 
@@ -284,7 +319,9 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
     if all(p.phase == "Succeeded" for p in current):
         summary = parse_termination_message(by_rank[0].termination_message)
         b.move_to("Succeeded", "training finished")
-        b.condition("Succeeded", True, "Succeeded", "every worker exited 0")
+        # What the trainer left out of its summary (a NaN metric) is said where the outcome is.
+        notes = "".join(f"; {note}" for note in summary.notes) if summary is not None else ""
+        b.condition("Succeeded", True, "Succeeded", f"every worker exited 0{notes}")
         if summary is not None:
             b.status.output_model = summary.output_model or b.status.output_model
             if summary.metrics:
@@ -319,8 +356,8 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         b.move_to("Running", "training")
     else:
         b.move_to("Initializing", "all workers started; waiting for training to report progress")
-    if b.observed.progress is not None and b.observed.progress.get("totalSteps"):
-        reported = progress_status(b.observed.progress)
+    reported = progress_status(b.observed.progress) if b.observed.progress is not None else None
+    if reported is not None and reported.progress is not None and reported.progress.total_steps:
         b.status.progress = reported.progress
         b.status.metrics = {**b.status.metrics, **reported.metrics}
         if reported.checkpoints:
@@ -336,18 +373,24 @@ def _handle_failure(
     failed: list[PodObservation],
     lost: list[int],
 ) -> Decision:
-    """Non-retryable errors fail at once; others restart the gang until backoffLimit is spent."""
-    non_retryable = next((p for p in failed if p.exit_code == NON_RETRYABLE_EXIT_CODE), None)
-    if non_retryable is not None:
+    """Non-retryable errors fail at once; others restart the gang until backoffLimit is spent.
+
+    A reason the trainer names (Stalled, NonFiniteLoss) is the failure's reason and, in
+    TRAINER_CONDITIONS, a condition of its own with the trainer's message."""
+    non_retryable = [p for p in failed if p.exit_code == NON_RETRYABLE_EXIT_CODE]
+    if non_retryable:
+        reason, message = _failure_description(_cause(non_retryable))
+        if reason in TRAINER_CONDITIONS:
+            b.condition(reason, True, reason, message)
         b.stop(current)
-        b.fail(*_failure_description(non_retryable))
+        b.fail(reason, message)
         return b.decision
     if failed:
-        # The first to finish is the cause; the others often die of it ("connection reset by peer").
-        first = min(failed, key=lambda p: (p.finished_at or "~", p.node_rank))
-        reason, message = _failure_description(first)
+        reason, message = _failure_description(_cause(failed))
     else:
         reason, message = "WorkerLost", f"worker {lost[0]}'s pod disappeared"
+    if reason in TRAINER_CONDITIONS:
+        b.condition(reason, True, reason, message)
     limit = job.spec.run_policy.backoff_limit
     if attempt >= limit:
         b.stop(current)
