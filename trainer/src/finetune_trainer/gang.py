@@ -40,7 +40,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from finetune_trainer.errors import PeerFailedError
-from finetune_trainer.summary import STALLED, TerminationSummary, write_rank_summary
+from finetune_trainer.summary import (
+    STALLED,
+    TerminationSummary,
+    parse_termination_message,
+    write_rank_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +198,9 @@ class Gang:
             self._store_failures += 1
             return None
         self._store_failures = 0
-        return TerminationSummary.model_validate_json(text)
+        cause = parse_termination_message(text)
+        # A mark that does not parse still means the gang is failing.
+        return cause or TerminationSummary(outcome="failed", error="another rank failed; see its log")
 
     # --- the watchdog -----------------------------------------------------------------------------
 
@@ -201,11 +208,14 @@ class Gang:
         assert self._wakeup_read is not None
         while True:
             readable, _, _ = select.select([self._wakeup_read], [], [], POLL_SECONDS)
-            if readable:
-                with contextlib.suppress(BlockingIOError):
-                    if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._wakeup_read.recv(64)):
-                        self._on_stop()
-            self._check(self.clock())
+            try:
+                if readable:
+                    with contextlib.suppress(BlockingIOError):
+                        if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._wakeup_read.recv(64)):
+                            self._on_stop()
+                self._check(self.clock())
+            except Exception:  # the watchdog must outlive anything it trips over
+                logger.exception("gang watchdog: unexpected error (it keeps watching)")
 
     def _on_stop(self) -> None:
         self.stop.set()
