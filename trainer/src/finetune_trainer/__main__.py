@@ -15,6 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from finetune_trainer.config import load_trainer_config
 from finetune_trainer.gang import Gang
@@ -38,7 +39,7 @@ def _configure_logging() -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="python -m finetune_trainer")
     parser.add_argument("--config", required=True, help="the trainer configuration (JSON) the operator wrote")
     args = parser.parse_args(argv)
@@ -80,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_model=result.output_model,
         step=result.step,
     )
-    return gang.finish(summary)
+    gang.finish(summary)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

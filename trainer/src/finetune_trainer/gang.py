@@ -156,10 +156,12 @@ class Gang:
         cause = cause or self._read_mark()
         self._exit(self._collateral(cause) if cause is not None and cause.rank != self.rank else own)
 
-    def finish(self, summary: TerminationSummary) -> int:
-        """Leaves this rank's summary of a run that succeeded or stopped; returns its exit code."""
-        write_rank_summary(self.summary_dir, self.rank, summary.model_copy(update={"rank": self.rank}))
-        return summary.exit_code()
+    def finish(self, summary: TerminationSummary) -> NoReturn:
+        """Ends this rank after a run that succeeded or stopped, its summary left for the launcher.
+
+        Through ``os._exit`` too: at interpreter shutdown the process group's and the store's C++
+        threads can be destroyed while still joinable, which aborts a finished run (SIGABRT)."""
+        self._exit(summary.model_copy(update={"rank": self.rank}))
 
     def _exit(self, summary: TerminationSummary) -> NoReturn:
         with self._exiting:  # one way out, whichever thread gets here first
