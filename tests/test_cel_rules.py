@@ -133,6 +133,16 @@ EVAL_FILE = "s3://datasets/demo/eval.jsonl"
 SUSPENDED = {"runPolicy.suspend": True}
 RUNNING = {"runPolicy.suspend": False}
 ON_A100_POOL = {"resources.nodeSelector": {"cloud.example.com/pool": "a100"}}
+# A core/v1 Affinity that requires nodes of a pool.
+POOL_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a100"]}]}
+            ]
+        }
+    }
+}
 
 
 def _apply(spec: dict[str, Any], edits: tuple[dict[str, Any], ...]) -> None:
@@ -593,7 +603,7 @@ CASES = [
     case(
         RESOURCES_WHILE_SUSPENDED,
         "affinity changed on a running job",
-        (job(), job({"resources.affinity": {"nodeAffinity": {"x": 1}}})),
+        (job(), job({"resources.affinity": POOL_AFFINITY})),
         {RESOURCES_WHILE_SUSPENDED},
         id="update-affinity-running",
     ),
@@ -613,6 +623,141 @@ CASES = [
         id="create-skips-transition-rules",
     ),
 ]
+
+
+# --- Rules on URIs, tolerations, node selectors and affinity: one rejected and one accepted case each ---
+# The URI rules (control characters, S3 bucket names) sit on every URI field; pydantic refuses the same
+# values first, so the rejected objects are raw(). Affinity's rules come with Kubernetes' schema of it
+# (label-key syntax): a case is built for each place the schema has one.
+
+S3_URI_FIELDS = {  # field -> the URI with a given bucket (and key)
+    "model.uri": "s3://{bucket}/{key}llama/",
+    "dataset.train": "s3://{bucket}/{key}train.jsonl",
+    "dataset.eval": "s3://{bucket}/{key}eval.jsonl",
+    "output.uri": "s3://{bucket}/{key}out/",
+}
+BAD_URI = {  # each URI rule, by the start of its text -> (bucket, key) that break it and no other rule
+    "bidi": ("!self.matches('[", "models", "a\u202eb/"),
+    "bucket-length": ("self.matches('^s3://[^/]{3,63}", "ab", ""),
+    "bucket-ip": ("!self.matches('^s3://[0-9]+", "192.168.5.4", ""),
+    "bucket-prefix": ("!self.matches('^s3://(xn--", "xn--bucket", ""),
+    "bucket-suffix": ("!self.matches('^s3://[^/]*(-s3alias", "bucket--ol-s3", ""),
+}
+LONG_PREFIX_KEY = "a" * 254 + "/pool"  # a qualified name's syntax, but a prefix over 253 characters
+
+
+def _uri_cases() -> list[Any]:
+    cases = []
+    for field, template in S3_URI_FIELDS.items():
+        location = ("spec", *field.split("."))
+        for name, (start, bucket, key) in BAD_URI.items():
+            [rule] = [r for r in ALL_RULES if r.location == location and r.rule.startswith(start)]
+            slug = f"{field}-{name}"
+            good = job({field: template.format(bucket="models.example", key="v1/")})
+            cases.append(case(rule, f"{field}: a good S3 URI", good, NONE, id=f"uri-ok-{slug}"))
+            bad = raw({field: template.format(bucket=bucket, key=key)})
+            cases.append(case(rule, f"{field}: {bucket}/{key}", bad, {rule}, id=f"uri-bad-{slug}"))
+    [endpoint_rule] = [r for r in ALL_RULES if r.location == ("spec", "storage", "endpoint")]
+    cases += [
+        case(endpoint_rule, "endpoint without control characters",
+             job({"storage.endpoint": "http://minio:9000"}), NONE, id="endpoint-ok"),
+        case(endpoint_rule, "endpoint with a right-to-left override",
+             raw({"storage.endpoint": "http://minio:9000/\u202e"}), {endpoint_rule}, id="endpoint-bidi"),
+    ]  # fmt: skip
+    return cases
+
+
+TOLERATIONS = ("spec", "resources", "tolerations", ANY)
+TOLERATION_VALUE_WITH_EXISTS = _rule("spec.resources.tolerations.*", "self.value")
+TOLERATION_SECONDS_NEED_NO_EXECUTE = _rule("spec.resources.tolerations.*", "tolerationSeconds")
+TOLERATION_EMPTY_KEY_NEEDS_EXISTS = _rule("spec.resources.tolerations.*", "self.key != ''")
+TOLERATION_KEY_PREFIX = _rule("spec.resources.tolerations.*", "self.key.matches")
+NODE_SELECTOR_KEYS = _rule("spec.resources.nodeSelector", "self.all(k")
+
+
+def _tolerating(*tolerations: dict[str, Any]) -> dict:
+    return job({"resources.tolerations": list(tolerations)})
+
+
+def _placement_cases() -> list[Any]:
+    gpu = {"key": "nvidia.com/gpu"}
+    return [
+        case(TOLERATION_VALUE_WITH_EXISTS, "Exists without a value",
+             _tolerating({**gpu, "operator": "Exists"}), NONE, id="toleration-exists"),
+        case(TOLERATION_VALUE_WITH_EXISTS, "Exists with a value",
+             _tolerating({**gpu, "operator": "Exists", "value": "a100"}), {TOLERATION_VALUE_WITH_EXISTS},
+             id="toleration-exists-with-value"),
+        case(TOLERATION_SECONDS_NEED_NO_EXECUTE, "tolerationSeconds with NoExecute",
+             _tolerating({**gpu, "effect": "NoExecute", "tolerationSeconds": 60}), NONE,
+             id="toleration-seconds-no-execute"),
+        case(TOLERATION_SECONDS_NEED_NO_EXECUTE, "tolerationSeconds with NoSchedule",
+             _tolerating({**gpu, "effect": "NoSchedule", "tolerationSeconds": 60}),
+             {TOLERATION_SECONDS_NEED_NO_EXECUTE}, id="toleration-seconds-no-schedule"),
+        case(TOLERATION_EMPTY_KEY_NEEDS_EXISTS, "empty key with Exists: every taint",
+             _tolerating({"operator": "Exists"}), NONE, id="toleration-every-taint"),
+        case(TOLERATION_EMPTY_KEY_NEEDS_EXISTS, "empty key with Equal",
+             _tolerating({"operator": "Equal", "value": "x"}), {TOLERATION_EMPTY_KEY_NEEDS_EXISTS},
+             id="toleration-empty-key-equal"),
+        case(TOLERATION_KEY_PREFIX, "a prefixed key", _tolerating({"key": "example.com/gpu"}), NONE,
+             id="toleration-prefixed-key"),
+        case(TOLERATION_KEY_PREFIX, "a key prefix of 254 characters", _tolerating({"key": LONG_PREFIX_KEY}),
+             {TOLERATION_KEY_PREFIX}, id="toleration-long-prefix"),
+        case(NODE_SELECTOR_KEYS, "a prefixed label key", job(ON_A100_POOL), NONE, id="node-selector-key"),
+        case(NODE_SELECTOR_KEYS, "a key with a space", job({"resources.nodeSelector": {"gpu pool": "a"}}),
+             {NODE_SELECTOR_KEYS}, id="node-selector-key-space"),
+        case(NODE_SELECTOR_KEYS, "a key prefix of 254 characters",
+             job({"resources.nodeSelector": {LONG_PREFIX_KEY: "a"}}), {NODE_SELECTOR_KEYS},
+             id="node-selector-key-long-prefix"),
+    ]  # fmt: skip
+
+
+def _minimal(schema: dict[str, Any]) -> Any:
+    """The smallest value the schema admits (its required fields filled in)."""
+    kind = schema["type"]
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {key: _minimal(properties[key]) for key in schema.get("required", [])}
+    if kind == "array":
+        return []
+    if kind == "integer":
+        return schema.get("minimum", 1)
+    return schema["enum"][0] if "enum" in schema else "pool"
+
+
+def _with_leaf(schema: dict[str, Any], location: tuple[str, ...], leaf: Any) -> Any:
+    """A minimal value of ``schema`` holding ``leaf`` at ``location`` (ANY: the first list item)."""
+    if not location:
+        return leaf
+    head, *rest = location
+    if head == ANY:
+        return [_with_leaf(schema["items"], tuple(rest), leaf)]
+    value = _minimal(schema)
+    value[head] = _with_leaf(schema["properties"][head], tuple(rest), leaf)
+    return value
+
+
+AFFINITY = ("spec", "resources", "affinity")
+AFFINITY_SCHEMA = SCHEMA["properties"]["spec"]["properties"]["resources"]["properties"]["affinity"]
+AFFINITY_RULES = tuple(r for r in ALL_RULES if r.location[:3] == AFFINITY)
+
+
+def _affinity_cases() -> list[Any]:
+    cases = []
+    for rule in AFFINITY_RULES:
+        where = ".".join(rule.location[3:])
+        is_map = "self.all(k" in rule.rule
+        good = {"example.com/pool": "a"} if is_map else "example.com/pool"
+        bad = {"gpu pool": "a"} if is_map else LONG_PREFIX_KEY
+        for leaf, violated, verdict in ((good, NONE, "ok"), (bad, {rule}, "bad")):
+            affinity = _with_leaf(AFFINITY_SCHEMA, rule.location[3:], leaf)
+            obj = job({"resources.affinity": affinity})
+            cases.append(
+                case(rule, f"affinity {where}: {verdict}", obj, violated, id=f"affinity-{verdict}-{where}")
+            )
+    return cases
+
+
+CASES += _uri_cases() + _placement_cases() + _affinity_cases()
 
 
 def _violations(obj: Any) -> list[RuleViolation]:
@@ -778,7 +923,8 @@ def _values_at(obj: Any, location: tuple[str, ...]) -> list[Any]:
     if head == ANY:
         children = obj.values() if isinstance(obj, dict) else obj
         return [value for child in children for value in _values_at(child, tuple(rest))]
-    assert head in obj, f"{head} missing: the defaulted object should have every object that carries rules"
+    if head not in obj:
+        return []  # an optional field the object leaves out (affinity, dataset.eval, ...)
     return _values_at(obj[head], tuple(rest))
 
 

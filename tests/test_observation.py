@@ -6,7 +6,16 @@ import json
 from typing import Any
 
 import pytest
-from finetune_operator.controller.observation import observe_pod, progress_status
+from finetune_operator import API_VERSION, KIND
+from finetune_operator.controller.observation import (
+    INVALID,
+    MAX_POD_TEXT_CHARS,
+    observe_pod,
+    owned_by,
+    parse_progress,
+    progress_status,
+)
+from finetune_trainer.summary import parse_termination_message
 
 
 def test_observe_pod_reads_the_kubelet_status() -> None:
@@ -200,3 +209,163 @@ def test_progress_document_with_non_finite_numbers_keeps_the_rest(
     for key, expected in (("progress", progress), ("metrics", metrics), ("checkpoints", checkpoints)):
         if expected is not None:
             assert reported.get(key, {} if key == "metrics" else []) == expected, key
+
+
+# Hostile /progress documents: each bad value is left out (and named in ``dropped``), never an
+# exception, never NaN in status.
+@pytest.mark.parametrize(
+    ("document", "dropped"),
+    [
+        pytest.param({"step": "7", "totalSteps": 9}, ("step",), id="non-number-step"),
+        pytest.param({"step": 1, "etaSeconds": float("inf")}, ("etaSeconds",), id="infinite-eta"),
+        pytest.param({"step": -3}, ("step",), id="negative-step"),
+        pytest.param({"step": 2**64}, ("step",), id="step-beyond-int64"),
+        pytest.param({"evalMetrics": [1, 2]}, ("evalMetrics",), id="list-where-a-map-belongs"),
+        pytest.param({"evalMetrics": {"evalLoss": float("nan")}}, ("evalMetrics",), id="nan-metric"),
+        pytest.param({"evalMetrics": {"x" * 10_000: 1.0}}, ("evalMetrics",), id="huge-metric-name"),
+        pytest.param({"evalMetrics": {"a\nb": 1.0}}, ("evalMetrics",), id="control-char-metric-name"),
+        pytest.param({"tokensPerSecond": 1e300}, ("tokensPerSecond",), id="absurd-throughput"),
+        pytest.param(
+            {"checkpoints": [{"step": 1, "uri": "s3://o/" + "x" * 5000}]}, ("checkpoints",), id="huge-uri"
+        ),
+        pytest.param({"checkpoints": {"step": 1}}, ("checkpoints",), id="map-where-a-list-belongs"),
+        pytest.param(
+            {"checkpoints": [{"step": 1, "uri": "s3://o/1/", "time": "t" * 999}]},
+            ("checkpoints.time",),
+            id="huge-time",
+        ),
+        pytest.param([1, 2, 3], ("document",), id="not-an-object"),
+        pytest.param({"trainLoss": True}, ("trainLoss",), id="boolean-loss"),
+    ],
+)
+def test_hostile_progress_values_are_dropped_and_named(document: Any, dropped: tuple[str, ...]) -> None:
+    report = parse_progress(document)
+    assert report.dropped == dropped
+    status = progress_status(document if isinstance(document, dict) else report).to_api()
+    json.dumps(status, allow_nan=False)
+
+
+def _owned_pod(*references: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": "p", "labels": {}, "ownerReferences": list(references)}, "status": {}}
+
+
+JOB_REFERENCE = {"apiVersion": API_VERSION, "kind": KIND, "name": "llm", "uid": "u-1", "controller": True}
+
+
+@pytest.mark.parametrize(
+    ("references", "owner"),
+    [
+        pytest.param([JOB_REFERENCE], "u-1", id="controlled-by-the-job"),
+        pytest.param([{**JOB_REFERENCE, "controller": False}], "", id="owner-but-not-controller"),
+        pytest.param([{**JOB_REFERENCE, "kind": "Job", "apiVersion": "batch/v1"}], "", id="another-kind"),
+        pytest.param([{**JOB_REFERENCE, "uid": 7}], "", id="uid-not-a-string"),
+        pytest.param(["junk", {**JOB_REFERENCE, "uid": "u-2"}], "u-2", id="another-jobs-pod"),
+        pytest.param([], "", id="no-owner"),
+    ],
+)
+def test_a_pods_owner_is_its_controller_reference(references: list[Any], owner: str) -> None:
+    observed = observe_pod(_owned_pod(*references))
+    assert observed.owner_uid == owner
+    assert owned_by([observed], "u-1") == ([observed] if owner == "u-1" else [])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"metadata": None, "status": None},
+        {"metadata": {"labels": {"finetune.dev/node-rank": "x", "finetune.dev/attempt": "-1"}}},
+        {"metadata": {"labels": {"finetune.dev/node-rank": "٣"}}},  # a digit, but not an ASCII one
+        {"status": {"containerStatuses": "junk", "conditions": [None, 3]}},
+        {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": "1", "message": 5}}}]}},
+        {"metadata": {"ownerReferences": "junk"}, "status": {"phase": 3}},
+    ],
+)
+def test_observe_pod_never_raises(body: dict[str, Any]) -> None:
+    observed = observe_pod(body)
+    assert observed.node_rank in (0, INVALID) and observed.attempt in (0, INVALID)
+    assert observed.exit_code is None and observed.owner_uid == ""
+
+
+def test_long_pod_texts_are_shortened() -> None:
+    message = "m" * 100_000
+    body = {
+        "status": {"message": message, "containerStatuses": [{"state": {"terminated": {"message": message}}}]}
+    }
+    observed = observe_pod(body)
+    assert len(observed.message) <= MAX_POD_TEXT_CHARS and len(observed.termination_message) <= 4096
+
+
+OUTPUT = "s3://out/llm/"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("", None, id="empty"),
+        pytest.param("Error: killed", None, id="plain-text"),
+        pytest.param("[" * 100_000, None, id="nested-beyond-the-parser"),
+        pytest.param("1" * 5000, None, id="digits-beyond-ints-limit"),
+        pytest.param(
+            '{"outcome": "failed", "metrics": {"a": 1e999999}}', {"metrics": {}}, id="infinite-metric"
+        ),
+        pytest.param(
+            '{"outcome": "failed", "metrics": {"a": ' + "9" * 400 + "}}",
+            {"metrics": {}},
+            id="huge-int-metric",
+        ),
+        pytest.param('{"outcome": "failed", "metrics": [1]}', {"metrics": {}}, id="list-metrics"),
+        pytest.param(
+            '{"outcome": "failed", "step": -1, "rank": 99999999999999999999}',
+            {"step": None, "rank": None},
+            id="ranges",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "failed", "error": "e" * 20_000}),
+            {"error": "e" * 2045 + "..."},
+            id="huge-error",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "failed", "reason": "R\n" * 10}), {"reason": ""}, id="reason-with-newlines"
+        ),
+        pytest.param(
+            json.dumps({"outcome": "succeeded", "outputModel": "s3://out/llm/model/"}),
+            {"output_model": "s3://out/llm/model/"},
+            id="model-under-the-output",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "succeeded", "outputModel": "s3://other/model/"}),
+            {"output_model": ""},
+            id="model-elsewhere",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "succeeded", "outputModel": "s3://out/llm-v2/model/"}),
+            {"output_model": ""},
+            id="model-beside-the-output",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "succeeded", "outputModel": "s3://out/llm/../x/"}),
+            {"output_model": ""},
+            id="model-climbing-out",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "succeeded", "outputModel": "https://evil/"}),
+            {"output_model": ""},
+            id="not-s3",
+        ),
+        pytest.param(
+            json.dumps({"outcome": "succeeded", "outputModel": "s3://out/llm/m\n/"}),
+            {"output_model": ""},
+            id="control-char-model",
+        ),
+    ],
+)
+def test_termination_messages_never_raise_and_are_bounded(text: str, expected: dict[str, Any] | None) -> None:
+    summary = parse_termination_message(text, output_uri=OUTPUT)
+    if expected is None:
+        assert summary is None
+    else:
+        assert summary is not None
+        for name, value in expected.items():
+            assert getattr(summary, name) == value, name
+        json.dumps(summary.model_dump(), allow_nan=False)

@@ -373,3 +373,48 @@ async def test_a_missing_grant_is_refused_by_the_real_authorizer(
         assert error["status"] == "True" and "forbidden" in error["message"]
         assert 'cannot create resource "pods"' in error["message"]
         assert job.pods() == []
+
+
+async def test_a_foreign_pod_with_the_jobs_labels_does_not_affect_the_job(
+    job: Job, operating: Operating
+) -> None:
+    """A pod anyone made with the job's labels (controlled by something else) is not a worker: its
+    non-retryable exit and its outputModel never reach the job, which succeeds with its own gang."""
+    async with operating():
+        job.create()
+        pods = await job.gang()
+        owner = job.kube.create_object(
+            "v1/configmaps", {"metadata": {"name": "someone-else"}, "data": {}}, job.namespace
+        )
+        intruder = {
+            "metadata": {
+                "name": "llm-intruder",
+                "labels": pods[0]["metadata"]["labels"],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "name": "someone-else",
+                        "uid": owner["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": {"containers": [{"name": "trainer", "image": "trainer:test"}], "nodeName": GPU_NODES[0]},
+        }
+        intruder = job.kube.create_object(kubelet.PODS, intruder, job.namespace)
+        kubelet.run(job.kube, intruder)
+        message = summary(outcome="failed", retryable=False, error="not yours")
+        kubelet.terminate(job.kube, intruder, NON_RETRYABLE_EXIT_CODE, message)
+        job.run_all(pods)
+        await job.phase("Running")
+        await asyncio.sleep(1.5)  # several resyncs with the intruder in the index
+        assert "not yours" not in str(job.status())
+        foreign_model = summary(outcome="succeeded", output_model="s3://elsewhere/model/")
+        kubelet.terminate(
+            job.kube, pods[0], 0, message=summary(outcome="succeeded", output_model="s3://out/llm/model/")
+        )
+        kubelet.terminate(job.kube, pods[1], 0, message=foreign_model)
+        done = await job.phase("Succeeded")
+        assert done["outputModel"] == "s3://out/llm/model/" and done["restarts"] == 0
+        assert job.kube.get_object(kubelet.PODS, job.namespace, "llm-intruder") is not None  # left alone

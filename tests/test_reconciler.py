@@ -18,6 +18,7 @@ from finetune_operator.controller.reconciler import CREATION_EXPECTED_WITHIN_SEC
 from tests.manifests import minimal_manifest
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+UID = "u-1"
 
 
 @dataclass
@@ -52,12 +53,12 @@ def reconciler() -> tuple[Reconciler, RecordingApi]:
 
 def body() -> dict[str, Any]:
     job = minimal_manifest("llm", "ml", resources={"nodes": 2, "gpusPerNode": 1})
-    job["metadata"] |= {"uid": "u-1", "generation": 1, "creationTimestamp": "2026-12-02T12:00:00Z"}
+    job["metadata"] |= {"uid": UID, "generation": 1, "creationTimestamp": "2026-12-02T12:00:00Z"}
     return job
 
 
 def pending(rank: int, attempt: int = 0) -> PodObservation:
-    return PodObservation(name=f"llm-worker-{rank}", node_rank=rank, attempt=attempt)
+    return PodObservation(name=f"llm-worker-{rank}", node_rank=rank, attempt=attempt, owner_uid=UID)
 
 
 GANG = ["Service/llm-workers", "ConfigMap/llm-config", "Pod/llm-worker-0", "Pod/llm-worker-1"]
@@ -116,3 +117,43 @@ async def test_an_api_error_is_recorded_once_and_cleared_by_the_pass_after_one_t
     assert api.statuses == []  # the error stays until a pass has gone through
     await operator.reconcile(body(), [pending(0), pending(1)], now=T0 + timedelta(seconds=61))
     assert [_reconcile_error(s) for s in api.statuses] == [("False", "Recovered")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "owner", [pytest.param("u-2", id="another-jobs-pod"), pytest.param("", id="a-pod-without-owner")]
+)
+async def test_a_pod_with_the_jobs_labels_but_another_controller_is_not_a_worker(owner: str) -> None:
+    """It can neither fail the job with its own message nor name the job's outputModel."""
+    operator, api = reconciler()
+    await operator.reconcile(body(), [], now=T0)
+    foreign = PodObservation(
+        name="intruder",
+        node_rank=0,
+        attempt=0,
+        phase="Failed",
+        started=True,
+        exit_code=78,
+        termination_message='{"outcome": "failed", "retryable": false, "error": "not yours"}',
+        owner_uid=owner,
+    )
+    await operator.reconcile(body(), [pending(0), pending(1), foreign], now=T0 + timedelta(seconds=1))
+    assert all(s.get("phase") != "Failed" and "not yours" not in str(s) for s in api.statuses)
+
+
+@pytest.mark.asyncio
+async def test_bad_values_of_a_termination_message_are_counted_once() -> None:
+    operator, _ = reconciler()
+    message = '{"outcome": "failed", "reason": "' + "R" * 1000 + '", "metrics": {"loss": NaN}}'
+    failed = PodObservation(
+        name="llm-worker-0",
+        node_rank=0,
+        attempt=0,
+        phase="Running",
+        termination_message=message,
+        owner_uid=UID,
+    )
+    for second in (1, 2, 3):
+        await operator.reconcile(body(), [failed, pending(1)], now=T0 + timedelta(seconds=second))
+    counter = operator.metrics.dropped_report_values.labels("termination")
+    assert counter._value.get() == 2  # metrics and reason, counted at the first pass only

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,9 +34,10 @@ def ts(moment: datetime) -> str:
     return format_time(moment)
 
 
-def job(status: dict[str, Any] | None = None, **run_policy: Any) -> JobObservation:
+def job(status: dict[str, Any] | None = None, nodes: int = 2, **run_policy: Any) -> JobObservation:
     manifest = copy.deepcopy(MANIFEST)
     manifest["spec"]["runPolicy"].update(run_policy)
+    manifest["spec"]["resources"]["nodes"] = nodes
     return JobObservation(
         name="job",
         namespace="team",
@@ -304,7 +307,7 @@ CASES = [
     ),
     (
         "among-non-collateral-failures-the-first-to-finish-is-the-cause",
-        job(running_status()),
+        job(running_status(), nodes=3),
         [
             pod(0, **failed(1, **COLLATERAL), finished_at="2026-11-21T12:00:01Z"),
             pod(1, **failed(1, error="disk full"), finished_at="2026-11-21T12:00:09Z"),
@@ -668,3 +671,117 @@ def test_rank_zero_is_polled_at_least_every_interval_while_it_reports(
 ) -> None:
     decision = decide(replace(observed, progress_poll_seconds=poll), pods, NOW)
     assert decision.requeue_after == requeue
+
+
+def _huge_policy(observation: JobObservation, **policy: int) -> JobObservation:
+    """The job with run-policy values beyond what the API accepts (decide must hold even then)."""
+    assert observation.job is not None
+    spec = observation.job.spec
+    job_ = observation.job.model_copy(
+        update={"spec": spec.model_copy(update={"run_policy": spec.run_policy.model_copy(update=policy)})}
+    )
+    return replace(observation, job=job_)
+
+
+HOSTILE_SUMMARY = '{"outcome": "failed", "retryable": false, "error": "' + "e" * 50_000 + '"}'
+# Observations that made decide raise (or write NaN) before it was total: each must now give a decision.
+HOSTILE = [
+    (
+        "deadline-10^12",
+        _huge_policy(job(running_status()), active_deadline_seconds=10**12),
+        [pod(0, **RUNNING)],
+    ),
+    ("deadline-int64", _huge_policy(job(running_status()), active_deadline_seconds=2**63 - 1), []),
+    (
+        "ttl-10^12",
+        _huge_policy(
+            job({"phase": "Succeeded", "completionTime": ts(NOW)}), ttl_seconds_after_finished=10**12
+        ),
+        [],
+    ),
+    ("unreadable-start-time", job(running_status(startTime="yesterday")), [pod(0, **RUNNING)]),
+    (
+        "unreadable-completion-time",
+        job({"phase": "Failed", "completionTime": "soon"}, ttlSecondsAfterFinished=5),
+        [],
+    ),
+    (
+        "start-time-year-9999",
+        job(running_status(startTime="9999-12-31T23:59:59Z"), activeDeadlineSeconds=60),
+        [],
+    ),
+    ("rank-out-of-range-succeeded", job(running_status()), [pod(5, **succeeded()), pod(6, **succeeded())]),
+    ("negative-rank", job(running_status()), [pod(-1, **failed(1)), pod(0, **RUNNING)]),
+    ("duplicated-ranks", job(running_status()), [pod(0, **READY), replace(pod(0, **succeeded()), name="x")]),
+    ("stale-negative-attempt", job(running_status()), [pod(0, attempt=-1, **RUNNING)]),
+    (
+        "huge-termination-error",
+        job(running_status()),
+        [pod(0, exit_code=78, phase="Failed", termination_message=HOSTILE_SUMMARY)],
+    ),
+    (
+        "termination-message-nested",
+        job(running_status()),
+        [pod(0, **failed(1)), replace(pod(1, **RUNNING), termination_message="[" * 50_000)],
+    ),
+    (
+        "summary-with-huge-int-metric",
+        job(running_status()),
+        [
+            replace(
+                pod(r, **succeeded()),
+                termination_message='{"outcome":"succeeded","metrics":{"a":' + "9" * 400 + "}}",
+            )
+            for r in (0, 1)
+        ],
+    ),
+    (
+        "output-model-elsewhere",
+        job(running_status()),
+        [pod(0, **succeeded(output_model="s3://evil/m/")), pod(1, **succeeded())],
+    ),
+    (
+        "progress-nan-and-lists",
+        replace(
+            job(running_status()),
+            progress={"step": float("nan"), "totalSteps": [1], "evalMetrics": [1], "trainLoss": float("inf")},
+        ),
+        [pod(0, **READY), pod(1, **RUNNING)],
+    ),
+    (
+        "progress-huge-numbers",
+        replace(
+            job(running_status()),
+            progress={"step": 10**30, "totalSteps": 10, "etaSeconds": 1e308, "epoch": 1e300},
+        ),
+        [pod(0, **READY), pod(1, **RUNNING)],
+    ),
+]
+
+
+@pytest.mark.parametrize(("observed", "pods"), [pytest.param(o, p, id=i) for i, o, p in HOSTILE])
+def test_decide_is_total_over_hostile_observations(
+    observed: JobObservation, pods: list[PodObservation]
+) -> None:
+    decision = decide(observed, pods, NOW)
+    json.dumps(decision.status.to_api(), allow_nan=False)
+    assert decision.requeue_after is None or math.isfinite(decision.requeue_after)
+    assert len(decision.status.message) < 4096
+    assert decision.status.output_model in ("", "s3://out/job/model/")
+
+
+def test_a_deadline_beyond_any_date_never_comes() -> None:
+    decision = decide(_huge_policy(job(running_status()), active_deadline_seconds=10**12), [], NOW)
+    assert decision.status.phase != "Failed" and decision.requeue_after is not None
+
+
+def test_pods_with_a_rank_the_gang_has_not_are_deleted_not_counted() -> None:
+    decision = decide(job(running_status()), [pod(0, **READY), pod(1, **READY), pod(7, **failed(1))], NOW)
+    assert decision.status.phase == "Running" and decision.delete_pods == ["job-worker-7"]
+
+
+def test_an_output_model_outside_the_jobs_output_is_not_taken() -> None:
+    pods = [pod(0, **succeeded(output_model="s3://other/model/")), pod(1, **succeeded())]
+    assert decide(job(running_status()), pods, NOW).status.output_model == ""
+    pods = [pod(0, **succeeded(output_model="s3://out/job/model/")), pod(1, **succeeded())]
+    assert decide(job(running_status()), pods, NOW).status.output_model == "s3://out/job/model/"

@@ -4,6 +4,7 @@ one test run against both stores, which is what proves they agree."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
@@ -447,21 +448,22 @@ def test_folder_store_refuses_keys_that_leave_the_folder(
     source.mkdir()
     (source / "a.txt").write_bytes(b"x")
     attempts = {
-        "get_bytes": lambda: folder.get_bytes(uri),
-        "put_bytes": lambda: folder.put_bytes(uri, b"overwritten"),
+        "get_bytes": lambda uri=uri: folder.get_bytes(uri),
+        "put_bytes": lambda uri=uri: folder.put_bytes(uri, b"overwritten"),
         "download_file": lambda: folder.download_file(uri, tmp_path / "down" / "file"),
         "download_prefix": lambda: folder.download_prefix(uri, tmp_path / "down"),
         "upload_directory": lambda: folder.upload_directory(source, uri),
-        "list_files": lambda: folder.list_files(uri),
+        "list_files": lambda uri=uri: folder.list_files(uri),
         "list_subprefixes": lambda: folder.list_subprefixes(uri),
-        "delete_prefix": lambda: folder.delete_prefix(uri),
+        "delete_prefix": lambda uri=uri: folder.delete_prefix(uri),
     }
     for operation, attempt in attempts.items():
         with pytest.raises(AccessDeniedError) as caught:
             attempt()
         assert caught.value.uri == uri, operation
-        assert str(caught.value).startswith(f"access to {uri} denied: "), operation
-        assert str(folder.root) in str(caught.value), operation
+        shown = uri.replace("\0", "\\x00")  # control characters are shown escaped
+        assert str(caught.value).startswith(f"access to {shown} denied: "), operation
+        assert str(folder.root) not in str(caught.value) and str(tmp_path) not in str(caught.value), operation
     assert (tmp_path / "secret.txt").read_bytes() == b"outside the store"
     assert not (tmp_path / "down").exists() and not (tmp_path / "a.txt").exists()
 
@@ -535,3 +537,129 @@ def test_folder_store_names_a_file_and_folder_clash(folder: FolderStore, uri: st
     with pytest.raises(StorageError, match="a file and a folder would share a path") as caught:
         folder.put_bytes(uri, b"x")
     assert caught.value.uri == uri
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://outputs/job/a\nb",
+        "s3://outputs/job/a\x1bb",
+        "s3://outputs/job/a\x7fb",
+        "s3://outputs/job/" + "x" * 256,
+        "s3://outputs/" + "/".join(["d" * 200] * 6),
+        "s3://outputs/job/\udcff",
+        f"s3://outputs/job/{PARTIAL_PREFIX}x{PARTIAL_SUFFIX}",
+    ],
+)
+def test_folder_store_answers_bad_keys_with_a_clear_error(folder: FolderStore, uri: str) -> None:
+    for attempt in (
+        lambda: folder.put_bytes(uri, b"x"),
+        lambda: folder.get_bytes(uri),
+        lambda: folder.list_files(uri),
+        lambda: folder.delete_prefix(uri),
+    ):
+        with pytest.raises(AccessDeniedError, match="is not a plain relative path") as caught:
+            attempt()
+        assert caught.value.uri == uri and str(folder.root) not in str(caught.value)
+        assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "precious.txt").write_bytes(b"keep me")
+    return tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize("link", ["file", "folder", "parent"])
+def test_folder_store_never_acts_through_a_symlink_pointing_out(
+    folder: FolderStore, outside: Path, link: str
+) -> None:
+    """Read, write and delete through a link out of the store are refused; the outside is untouched."""
+    job = folder.root / "outputs" / "job"
+    if link == "file":
+        (job / "model.bin").symlink_to(outside / "precious.txt")
+        uris = ["s3://outputs/job/model.bin"]
+    elif link == "folder":
+        (job / "model").symlink_to(outside, target_is_directory=True)
+        uris = ["s3://outputs/job/model/precious.txt", "s3://outputs/job/model/"]
+    else:
+        (folder.root / "other").symlink_to(outside, target_is_directory=True)
+        uris = ["s3://other/precious.txt", "s3://other/sub/"]
+    for uri in uris:
+        for name, attempt in {
+            "get": lambda uri=uri: folder.get_bytes(uri),
+            "put": lambda uri=uri: folder.put_bytes(uri, b"overwritten"),
+            "delete": lambda uri=uri: folder.delete_prefix(uri),
+            "list": lambda uri=uri: folder.list_files(uri),
+        }.items():
+            with pytest.raises(AccessDeniedError, match="leads out of the store folder") as caught:
+                attempt()
+            assert caught.value.uri.startswith(uri.rstrip("/")), name
+            assert str(outside) not in str(caught.value) and str(folder.root) not in str(caught.value)
+    # A prefix holding a link out cannot be deleted either: nothing is removed, inside or out.
+    if link == "file":
+        with pytest.raises(AccessDeniedError, match=r"s3://outputs/job/model\.bin"):
+            folder.delete_prefix("s3://outputs/job/")
+        assert (job / "config.json").exists()
+    assert (outside / "precious.txt").read_bytes() == b"keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+
+
+def test_folder_store_deletes_a_link_inside_not_its_target(folder: FolderStore) -> None:
+    folder.put_bytes("s3://outputs/kept/a.txt", b"a")
+    (folder.root / "outputs" / "alias").symlink_to(folder.root / "outputs" / "kept", target_is_directory=True)
+    folder.delete_prefix("s3://outputs/alias")
+    assert folder.get_bytes("s3://outputs/kept/a.txt") == b"a"
+    assert not (folder.root / "outputs" / "alias").exists()
+
+
+def test_folder_store_symlink_loops_and_dangling_links_are_no_traceback(folder: FolderStore) -> None:
+    job = folder.root / "outputs" / "job"
+    (job / "loop").symlink_to(job / "loop")
+    (job / "dangling").symlink_to(job / "nothing-here")
+    with pytest.raises(AccessDeniedError):
+        folder.get_bytes("s3://outputs/job/loop")
+    with pytest.raises(ObjectNotFoundError):
+        folder.get_bytes("s3://outputs/job/dangling")
+    with pytest.raises(AccessDeniedError, match="loop"):
+        folder.list_files("s3://outputs/job/")
+    (job / "loop").unlink()
+    assert [f.relative_path for f in folder.list_files("s3://outputs/job/")] == ["config.json"]
+
+
+def test_a_crashed_write_leaves_nothing_after_the_next_listing(tmp_path: Path) -> None:
+    """A write killed before its rename (simulated in a child process that exits mid-write) leaves a
+    hidden file; the next listing removes it, while a write still in progress (locked) stays."""
+    root = tmp_path / "store"
+    (root / "outputs" / "job").mkdir(parents=True)
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "import finetune_trainer.storage as storage\n"
+        "def crash(partial):\n"
+        "    partial.write_bytes(b'half a shard')\n"
+        "    os._exit(9)\n"
+        "storage._publish('s3://outputs/job/shard.bin', Path(sys.argv[1]), crash)\n"
+    )
+    target = root / "outputs" / "job" / "shard.bin"
+    code = subprocess.run([sys.executable, "-c", script, str(target)], check=False).returncode
+    assert code == 9
+    left = [p for p in (root / "outputs" / "job").iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    assert len(left) == 1 and not target.exists()
+    # A write in progress, holding its lock, is left alone.
+    busy = root / "outputs" / "job" / f"{PARTIAL_PREFIX}busy{PARTIAL_SUFFIX}"
+    descriptor = os.open(busy, os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+    try:
+        store = FolderStore(root, partial_grace_seconds=0)
+        assert store.list_files("s3://outputs/job/") == []
+        remaining = sorted(p.name for p in (root / "outputs" / "job").iterdir())
+        assert remaining == [busy.name]
+    finally:
+        os.close(descriptor)
+    # Within the grace period even an unlocked one stays (its writer may be between create and lock).
+    assert FolderStore(root).list_files("s3://outputs/job/") == []
+    assert busy.exists()
+    FolderStore(root, partial_grace_seconds=0).list_files("s3://outputs")
+    assert not busy.exists()

@@ -297,7 +297,7 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_progress_is_served(
             id="truncated-model",
         ),
         pytest.param(
-            {"deepspeed": {"config": {"train_batch_size": 7}}},
+            {"deepspeed": {"config": {"zero_optimization": {"reduce_bucket_size": 0}}}},
             "deepspeed.config rejected by DeepSpeed",
             id="deepspeed-rejects-config",
         ),

@@ -110,11 +110,10 @@ def test_deepspeed_configuration(sections: dict[str, Any], world: int, expected:
 def test_a_deepspeed_config_that_deepspeed_rejects_is_non_retryable(
     override: dict[str, Any], message: str
 ) -> None:
-    job = config(
-        hyperparameters={"batchSizePerDevice": 1, "gradientAccumulationSteps": 1},
-        deepspeed={"config": override},
-    )
-    generated = build_deepspeed_config(job, 2)
+    # Admission refuses these keys (deepspeed_overrides.py); DeepSpeed's own judgement is the trainer's
+    # last line for a configuration that reached it anyway (a skewed operator, a hand-written config).
+    job = config(hyperparameters={"batchSizePerDevice": 1, "gradientAccumulationSteps": 1})
+    generated = merge(build_deepspeed_config(job, 2), override)
     before = json.dumps(generated, sort_keys=True)
     with pytest.raises(NonRetryableError) as caught:
         check_with_deepspeed(generated, 2)

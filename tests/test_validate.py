@@ -323,7 +323,7 @@ ACCEPTED = [
     pytest.param(with_field("spec.method", None), id="null-for-defaulted-object"),
     pytest.param(with_field("spec.resources.tolerations", None), id="null-for-list"),
     pytest.param(with_field("spec.resources.nodeSelector", {"pool": None}), id="null-map-value"),
-    pytest.param(with_field("spec.deepspeed.config", {"zero_optimization": None}),
+    pytest.param(with_field("spec.deepspeed.config", {"zero_optimization": {"overlap_comm": None}}),
                  id="null-kept-in-free-form"),
     pytest.param(with_field("metadata.labels", None), id="null-labels"),
     pytest.param(with_field("metadata", {"generateName": "base-"}), id="generate-name"),

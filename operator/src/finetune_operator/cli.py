@@ -11,9 +11,13 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import KIND
 from finetune_operator.api.spec import FinetuneJob
-from finetune_operator.api.validation import DocumentReport, parse_finetune_job, validate_text
+from finetune_operator.api.validation import (
+    MAX_FILE_BYTES,
+    DocumentReport,
+    generated_name,
+    validate_bytes,
+)
 from finetune_operator.controller.manifests import (
     DEFAULT_TRAINER_IMAGE,
     UNASSIGNED_UID,
@@ -22,8 +26,15 @@ from finetune_operator.controller.manifests import (
 )
 
 
-def _read(source: str) -> str:
-    return sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+def _read(source: str) -> bytes:
+    """The file's bytes, at most one more than validate reads (so that /dev/zero is no hang)."""
+    if source == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream (tests replace stdin)
+            return sys.stdin.read(MAX_FILE_BYTES + 1).encode("utf-8", "surrogateescape")
+        return stream.read(MAX_FILE_BYTES + 1)
+    with Path(source).open("rb") as file:
+        return file.read(MAX_FILE_BYTES + 1)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -31,8 +42,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     reports: list[DocumentReport] = []
     for source in args.files:
         try:
-            reports += validate_text(_read(source), source)
-        except (OSError, UnicodeDecodeError) as error:
+            reports += validate_bytes(_read(source), source)
+        except OSError as error:
             reason = getattr(error, "strerror", None) or str(error)
             print(f"{source}: cannot read: {reason}")
             reports.append(DocumentReport(source, 0, skipped="unreadable"))
@@ -72,6 +83,7 @@ _ReadableDumper.add_representer(
 def cmd_render(args: argparse.Namespace) -> int:
     """Prints the objects the operator would create for each FinetuneJob, as multi-document YAML."""
     documents: list[dict[str, Any]] = []
+    notes: list[str] = []
     for source in args.files:
         jobs = _jobs_in(source)
         if jobs is None:
@@ -79,8 +91,16 @@ def cmd_render(args: argparse.Namespace) -> int:
         for job in jobs:
             if not job.metadata.namespace:
                 job.metadata.namespace = args.namespace
+            name = generated_name(job)
+            if name is not None:
+                # As the API server does before the operator sees the job; another apply, another name.
+                notes.append(
+                    f"# metadata.generateName {job.metadata.generate_name!r}: the API server names the job "
+                    f"{job.metadata.generate_name}<5 random characters>; rendered here as {name!r}\n"
+                )
             settings = WorkerSettings(default_image=args.default_image)
             documents += build_gang(job, UNASSIGNED_UID, attempt=0, settings=settings)
+    sys.stdout.write("".join(notes))
     sys.stdout.write(yaml.dump_all(documents, Dumper=_ReadableDumper, sort_keys=False, width=100))
     return 0
 
@@ -88,22 +108,20 @@ def cmd_render(args: argparse.Namespace) -> int:
 def _jobs_in(source: str) -> list[FinetuneJob] | None:
     """The valid FinetuneJobs of a file, or None after printing every problem (as validate does)."""
     try:
-        text = _read(source)
-    except (OSError, UnicodeDecodeError) as error:
+        data = _read(source)
+    except OSError as error:
         print(f"{source}: cannot read: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return None
-    invalid = [r for r in validate_text(text, source) if r.issues]
+    reports = validate_bytes(data, source)
+    invalid = [r for r in reports if r.issues]
     for report in invalid:
         print(f"{report.label}: {len(report.issues)} error(s)", file=sys.stderr)
         for issue in report.issues:
             print(f"  {issue}", file=sys.stderr)
     if invalid:
         return None
-    return [
-        parse_finetune_job(document)
-        for document in yaml.safe_load_all(text)
-        if isinstance(document, dict) and document.get("kind") == KIND
-    ]
+    # The jobs as validate parsed them (one reading, with its limits), not a second, laxer load.
+    return [report.job for report in reports if report.job is not None]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -119,6 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         names = ", ".join(str(job.metadata.name) for job in jobs) or "none"
         print(f"{args.file}: pick one FinetuneJob with --name (found: {names})", file=sys.stderr)
         return 1
+    name = generated_name(chosen[0])  # as the API server would name it
+    if name is not None:
+        print(f"note: metadata.generateName {chosen[0].metadata.generate_name!r}: running as {name!r}")
     store = args.store
     if args.embedded_s3 is not None:
         print(

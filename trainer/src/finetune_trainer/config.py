@@ -13,21 +13,108 @@ skewed operator or a hand-written config fails at load instead of mid-training.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError, core_schema
 
 CONFIG_SCHEMA_VERSION = 1
 
-# An S3 bucket name (3-63 characters, lowercase letters, digits, '.' and '-') and an optional key.
-S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
+# An S3 bucket name as S3 defines it (general purpose buckets): dot-separated labels of lowercase letters,
+# digits and '-', each starting and ending with a letter or digit, so no '..', '.-' or '-.'. The rules a
+# regular expression without look-around cannot say (3-63 characters; not an IP address; no reserved
+# prefix or suffix) are S3_BUCKET_RULES below, checked here and by the CRD's CEL rules alike.
+S3_BUCKET = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
 S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/.*)?$"
 S3_DATA_FILE_PATTERN = rf"^s3://{S3_BUCKET}/.+\.(jsonl|parquet)$"
+# What the patterns say, in words, for error messages.
+S3_BUCKET_WORDS = (
+    "bucket: 3-63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit, "
+    "no '..', '.-' or '-.', not an IP address, not starting with xn-- or sthree-, not ending in "
+    "-s3alias or --ol-s3"
+)
 
-S3Prefix = Annotated[str, Field(pattern=S3_PREFIX_PATTERN, max_length=1024)]
-S3DataFile = Annotated[str, Field(pattern=S3_DATA_FILE_PATTERN, max_length=1024)]
+
+@dataclass(frozen=True)
+class UriRule:
+    """One rule on a URI string: ``pattern`` (RE2 syntax, the same in Python's ``re`` and in CEL's
+    ``matches``) must match (``must_match``) or must not; ``words`` say what the rule wants."""
+
+    pattern: str
+    must_match: bool
+    words: str
+
+    def holds(self, text: str) -> bool:
+        return (re.search(self.pattern, text) is not None) == self.must_match
+
+    @property
+    def cel(self) -> str:
+        """The rule as a CEL expression on ``self`` (for the CRD's x-kubernetes-validations). Backslashes
+        are escaped for the CEL string literal, except ``\\uXXXX``, which CEL itself turns into the
+        character (RE2 has no ``\\u`` escape)."""
+        literal = re.sub(r"\\(?!u[0-9a-f]{4})", r"\\\\", self.pattern).replace("'", "\\'")
+        return f"self.matches('{literal}')" if self.must_match else f"!self.matches('{literal}')"
+
+
+# C0 and C1 control characters and the bidirectional embeddings, overrides and isolates (U+202A-U+202E,
+# U+2066-U+2069), which make a URI display as something other than what it is. Written as regular
+# expression escapes of Python's re (the CEL rule hands U+202A and the like to RE2 as characters).
+_CONTROL_OR_BIDI = r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+NO_CONTROL_CHARACTERS = UriRule(
+    _CONTROL_OR_BIDI,
+    False,
+    "must not contain control characters or bidirectional overrides (U+202A-U+202E, U+2066-U+2069)",
+)
+S3_BUCKET_RULES = (
+    UriRule(r"^s3://[^/]{3,63}(/|$)", True, "the bucket name must be 3 to 63 characters long"),
+    UriRule(
+        r"^s3://[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+(/|$)",
+        False,
+        "the bucket name must not be an IP address such as 192.168.5.4",
+    ),
+    UriRule(r"^s3://(xn--|sthree-)", False, "the bucket name must not start with xn-- or sthree- (reserved)"),
+    UriRule(
+        r"^s3://[^/]*(-s3alias|--ol-s3)(/|$)",
+        False,
+        "the bucket name must not end in -s3alias or --ol-s3 (reserved for access point aliases)",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class UriRules:
+    """``Annotated`` metadata: the rules a URI string obeys besides its pattern. pydantic checks them
+    here; the operator's CRD generator turns each into a CEL rule, so the API server checks them too."""
+
+    rules: tuple[UriRule, ...]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def _check(self, text: str) -> str:
+        for rule in self.rules:
+            if not rule.holds(text):
+                raise PydanticCustomError("uri_rule", "{words}", {"words": rule.words})
+        return text
+
+
+S3_URI_RULES = UriRules((NO_CONTROL_CHARACTERS, *S3_BUCKET_RULES))
+
+S3Prefix = Annotated[str, Field(pattern=S3_PREFIX_PATTERN, max_length=1024), S3_URI_RULES]
+S3DataFile = Annotated[str, Field(pattern=S3_DATA_FILE_PATTERN, max_length=1024), S3_URI_RULES]
 
 DatasetFormat = Literal["chat", "instruction", "completion", "classification"]
 MethodType = Literal["full", "lora", "qlora", "freeze"]

@@ -15,10 +15,12 @@ torch nor anything else heavy: the launcher and tests use it too.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -437,9 +439,26 @@ class S3Store(ObjectStore):
 
 
 # A write fills a hidden file beside its target, then one rename publishes it; listings skip these.
+# The writer holds a shared lock (flock) on its file until the rename; a file nobody holds a lock on
+# and that has not changed for PARTIAL_GRACE_SECONDS is a crashed write's, and a listing removes it.
 PARTIAL_PREFIX = ".finetune-store-"
 PARTIAL_SUFFIX = ".partial"
+PARTIAL_GRACE_SECONDS = 60.0
+# S3's own limits on a key; a file name has 255 bytes at most.
+MAX_KEY_BYTES = 1024
+MAX_NAME_BYTES = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _Filled = TypeVar("_Filled")
+
+
+def _is_partial(name: str) -> bool:
+    return name.startswith(PARTIAL_PREFIX) and name.endswith(PARTIAL_SUFFIX)
+
+
+def _shown(uri: str) -> str:
+    """The URI as a message shows it: control characters escaped, a very long one shortened."""
+    shown = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", uri)
+    return shown if len(shown) <= 300 else shown[:297] + "..."
 
 
 def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
@@ -457,29 +476,56 @@ def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
 def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link costs nothing for a 10 GB model; another filesystem needs a copy."""
     try:
+        target.unlink(missing_ok=True)  # the placeholder that held the partial's name and lock
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
 
 
-def _publish(uri: str, target: Path, fill: Callable[[Path], _Filled]) -> _Filled:
+def _publish(uri: str, target: Path, fill: Callable[[Path], _Filled], shown: str = "") -> _Filled:
     """Fills a hidden file beside ``target`` and renames it over ``target`` (os.replace is atomic):
-    readers see the old file or the new one, never a part, and a crash leaves no half object."""
+    readers see the old file or the new one, never a part, and a crash leaves no half object (only a
+    hidden file that the next listing removes). ``shown`` names the target in errors (downloads: the
+    caller's own path); store paths are never shown, only the URI."""
     partial = target.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    where = f" to {shown}" if shown else ""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)  # while held, no listing takes the file for a crash's
             filled = fill(partial)
             os.replace(partial, target)
         finally:
+            os.close(descriptor)
             partial.unlink(missing_ok=True)
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
         raise StorageError(
-            f"{uri} cannot be written to {target}: a file and a folder would share a path", uri=uri
+            f"{_shown(uri)} cannot be written{where}: a file and a folder would share a path", uri=uri
         ) from error
     except OSError as error:
-        raise StorageError(f"writing {uri} to {target} failed: {error.strerror or error}", uri=uri) from error
+        raise StorageError(
+            f"writing {_shown(uri)}{where} failed: {error.strerror or type(error).__name__}", uri=uri
+        ) from error
     return filled
+
+
+def _sweep_partial(path: Path, grace_seconds: float) -> None:
+    """Removes a crashed write's hidden file: unchanged for ``grace_seconds`` and locked by nobody."""
+    try:
+        status = path.lstat()
+        if time.time() - max(status.st_mtime, status.st_ctime) < grace_seconds:
+            return
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a writer is still at it
+        finally:
+            os.close(descriptor)
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # gone already, or not ours to remove: the next listing tries again
 
 
 class FolderStore(ObjectStore):
@@ -492,12 +538,15 @@ class FolderStore(ObjectStore):
     a write becomes visible whole or not at all, so a reader never sees half a manifest. Downloads
     are hard links where possible: store files are only ever replaced, never rewritten, so a link
     never changes under the trainer. Uploads are copies, since the trainer may rewrite its own files.
-    A key that would lead out of the folder (``..``, an absolute key, a symlink pointing out) is an
-    AccessDeniedError naming the URI.
+    A key that would lead out of the folder (``..``, an absolute key, a symlink pointing out) or that
+    no file can be named (control characters, too long) is an AccessDeniedError naming the URI; no
+    error shows a path inside the folder, only URIs. A write cut short leaves only a hidden file that
+    the next listing of its folder removes (see PARTIAL_GRACE_SECONDS).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, partial_grace_seconds: float = PARTIAL_GRACE_SECONDS) -> None:
         self.root = root.resolve()
+        self.partial_grace_seconds = partial_grace_seconds
         if not self.root.is_dir():
             raise ObjectNotFoundError(f"the store folder {root} does not exist or is not a folder")
 
@@ -507,7 +556,7 @@ class FolderStore(ObjectStore):
             return path.read_bytes()
         except OSError as error:
             raise StorageError(
-                f"reading {uri} from {path} failed: {error.strerror or error}", uri=uri
+                f"reading {_shown(uri)} failed: {error.strerror or type(error).__name__}", uri=uri
             ) from error
 
     def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -516,7 +565,7 @@ class FolderStore(ObjectStore):
 
     def download_file(self, uri: str, destination: Path) -> Path:
         source = self._existing_file(uri)
-        _publish(uri, destination, lambda partial: _link_or_copy(source, partial))
+        _publish(uri, destination, lambda partial: _link_or_copy(source, partial), shown=str(destination))
         return destination
 
     def download_prefix(self, uri: str, destination: Path) -> list[StoredFile]:
@@ -526,7 +575,9 @@ class FolderStore(ObjectStore):
         downloaded = []
         for relative, source in objects:
             target = destination.joinpath(relative)
-            _publish(uri, target, lambda partial, source=source: _link_or_copy(source, partial))
+            _publish(
+                uri, target, lambda partial, source=source: _link_or_copy(source, partial), shown=str(target)
+            )
             downloaded.append(StoredFile(relative, *_digest(target)))
         return downloaded
 
@@ -538,6 +589,7 @@ class FolderStore(ObjectStore):
         for path in sorted(source.rglob("*")):
             if path.is_file():
                 relative = path.relative_to(source).as_posix()
+                self._locate(join_uri(uri, relative))  # each key is checked as a key of its own
                 size, sha256 = _publish(
                     uri, directory / relative, lambda partial, path=path: _copy_hashing(path, partial)
                 )
@@ -545,7 +597,7 @@ class FolderStore(ObjectStore):
         return uploaded
 
     def list_files(self, uri: str) -> list[StoredFile]:
-        return [StoredFile(relative, path.stat().st_size, "") for relative, path in self._objects(uri)]
+        return [StoredFile(relative, size, "") for relative, path, size in self._sized(uri)]
 
     def list_subprefixes(self, uri: str) -> list[str]:
         """As S3 with a ``/`` delimiter: the folders holding at least one file, in key order."""
@@ -556,35 +608,58 @@ class FolderStore(ObjectStore):
     def delete_prefix(self, uri: str) -> int:
         """Removes the prefix's folder, emptied sub-folders included (S3 has no empty folders either)."""
         _refuse_bucket_root(uri)
-        count = len(self._objects(uri))
+        count = len(self._objects(uri))  # refuses a prefix with a file linking out of the folder
         directory = self._locate(uri)
-        if directory.is_dir():
-            shutil.rmtree(directory)
+        try:
+            if directory.is_symlink():  # a link to a folder inside the store: the link is the prefix
+                directory.unlink()
+            elif directory.is_dir():
+                shutil.rmtree(directory)  # never follows a symlink below it (it removes the link)
+        except OSError as error:
+            raise StorageError(
+                f"deleting {_shown(uri)} failed: {error.strerror or type(error).__name__}", uri=uri
+            ) from error
         return count
 
     def _locate(self, uri: str) -> Path:
-        """The file or folder of a URI in an existing bucket; refuses anything leading out of the root."""
+        """The file or folder of a URI in an existing bucket; refuses anything leading out of the root
+        and any key no file can be named by."""
         bucket, key = parse_s3_uri(uri)
         segments = [bucket, *key.removesuffix("/").split("/")] if key else [bucket]
-        if any(segment in ("", ".", "..") or "\0" in segment for segment in segments):
+        try:
+            sizes = [len(segment.encode()) for segment in segments]
+        except UnicodeEncodeError:  # a lone surrogate: no file name
+            sizes = [MAX_KEY_BYTES + 1]
+        if (
+            any(segment in ("", ".", "..") or _CONTROL.search(segment) for segment in segments)
+            or _is_partial(segments[-1])
+            or max(sizes) > MAX_NAME_BYTES
+            or sum(sizes) > MAX_KEY_BYTES
+        ):
             raise AccessDeniedError(
-                f"access to {uri} denied: its key is not a plain relative path inside the store folder "
-                f"{self.root} (no '..', '.', empty or absolute parts)",
+                f"access to {_shown(uri)} denied: its key is not a plain relative path inside the store "
+                f"folder (no '..', '.', empty or absolute parts, no control characters, at most "
+                f"{MAX_KEY_BYTES} bytes and {MAX_NAME_BYTES} a part, not a name the store uses for "
+                "writes in progress)",
                 uri=uri,
             )
         path = self.root.joinpath(*segments)
         self._refuse_outside(path, uri)
         if not (self.root / bucket).is_dir():
-            raise ObjectNotFoundError(
-                f"{uri} does not exist (no bucket {bucket!r}: no folder {self.root / bucket})", uri=uri
-            )
+            raise ObjectNotFoundError(f"{_shown(uri)} does not exist (no bucket {bucket!r})", uri=uri)
         return path
 
     def _refuse_outside(self, path: Path, uri: str) -> None:
         """Symlinks may point anywhere: what a path resolves to must still be inside the root."""
-        if not path.resolve().is_relative_to(self.root):
+        try:
+            inside = path.resolve().is_relative_to(self.root)
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if not inside:
             raise AccessDeniedError(
-                f"access to {uri} denied: {path} resolves outside the store folder {self.root}", uri=uri
+                f"access to {_shown(uri)} denied: it leads out of the store folder (a symlink pointing "
+                "outside it, or a loop of them)",
+                uri=uri,
             )
 
     def _existing_file(self, uri: str) -> Path:
@@ -594,7 +669,9 @@ class FolderStore(ObjectStore):
         return path
 
     def _objects(self, uri: str) -> list[tuple[str, Path]]:
-        """(key relative to the prefix, file) for every file under it, in S3's key order."""
+        """(key relative to the prefix, file) for every file under it, in S3's key order. Hidden files
+        of crashed writes are removed on the way; symlinked folders are not followed, and a symlinked
+        file pointing out of the store refuses the listing (and so a delete)."""
         bucket, key = parse_s3_uri(uri)
         directory = self._locate(uri)
         if not directory.is_dir():
@@ -602,11 +679,22 @@ class FolderStore(ObjectStore):
         found = []
         for folder, _, names in os.walk(directory):
             for name in names:
-                if name.startswith(PARTIAL_PREFIX) and name.endswith(PARTIAL_SUFFIX):
-                    continue
                 path = Path(folder, name)
+                if _is_partial(name):
+                    _sweep_partial(path, self.partial_grace_seconds)
+                    continue
                 relative = path.relative_to(directory).as_posix()
                 self._refuse_outside(path, _uri(bucket, _as_directory(key) + relative))
-                found.append((relative, path))
+                if path.is_file():  # not a dangling link, a fifo or a socket
+                    found.append((relative, path))
         # Python orders strings by code point, which is S3's order (UTF-8 bytes) for the same keys.
         return sorted(found)
+
+    def _sized(self, uri: str) -> list[tuple[str, Path, int]]:
+        sized = []
+        for relative, path in self._objects(uri):
+            try:
+                sized.append((relative, path, path.stat().st_size))
+            except OSError:  # removed since it was listed
+                continue
+        return sized

@@ -89,14 +89,110 @@ class TerminationSummary(BaseModel):
         return text
 
 
-def parse_termination_message(text: str | None) -> TerminationSummary | None:
-    """The summary in a pod's termination message, or None when there is none (e.g. OOM-killed)."""
-    if not text:
+# Bounds on what the operator takes from a summary: it is another process's text, shown in status.
+MAX_MESSAGE_CHARS = 16 * TERMINATION_MESSAGE_LIMIT  # Kubernetes keeps 4 KB; a local run passes the file
+MAX_ERROR_CHARS = 2048
+MAX_REASON_CHARS = 128
+MAX_NOTES = 16
+MAX_NOTE_CHARS = 256
+MAX_METRICS = 64
+MAX_METRIC_NAME_CHARS = 128
+MAX_URI_CHARS = 1024
+_INT64 = 2**63
+_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain(text: str) -> bool:
+    return not _CONTROL.intersection(text)
+
+
+def _under(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` names ``prefix`` itself or something inside it, with no ``.``/``..`` steps."""
+    directory = prefix if prefix.endswith("/") else prefix + "/"
+    if uri.rstrip("/") == prefix.rstrip("/"):
+        return True
+    if not uri.startswith(directory):
+        return False
+    return not any(part in (".", "..") for part in uri[len(directory) :].split("/"))
+
+
+def _output_model(uri: str, output_uri: str | None) -> str:
+    """The URI when it is printable and bounded and, where ``output_uri`` is given (the operator always
+    gives the job's), an ``s3://bucket/...`` URI under it; else ""."""
+    if len(uri) > MAX_URI_CHARS or not _plain(uri) or any(c.isspace() for c in uri):
+        return ""
+    if output_uri is None:
+        return uri
+    if not uri.startswith("s3://") or len(uri) <= len("s3://") or uri[5] == "/":
+        return ""
+    return uri if _under(uri, output_uri) else ""
+
+
+def parse_termination_message(
+    text: str | None, output_uri: str | None = None, dropped: list[str] | None = None
+) -> TerminationSummary | None:
+    """The summary in a pod's termination message, or None when there is none (e.g. OOM-killed) or it
+    is not a summary. Never raises, for any text: the message is written by the worker, which the
+    operator does not trust, so every field is bounded (long texts shortened, out-of-range numbers and
+    non-finite metrics left out) and ``outputModel`` is kept only as an ``s3://`` URI under
+    ``output_uri`` (the job's spec.output.uri) when that is given. What was left out is appended to
+    ``dropped`` (field names), for the operator's log and counter."""
+    if not text or not isinstance(text, str):
+        return None
+    drops: list[str] = [] if dropped is None else dropped
+    if len(text) > MAX_MESSAGE_CHARS:
+        drops.append("message")
         return None
     try:
-        return TerminationSummary.model_validate(json.loads(text))
-    except (ValueError, ValidationError):
+        document = json.loads(text)
+    except json.JSONDecodeError:  # a message of other words (the kubelet's, a shell's): no summary
         return None
+    except (ValueError, RecursionError):  # digits beyond int's limit, nested beyond the parser
+        drops.append("message")
+        return None
+    try:
+        if not isinstance(document, dict):
+            drops.append("message")
+            return None
+        if isinstance(document.get("metrics"), dict):
+            kept, _ = finite_metrics(
+                {
+                    k: v
+                    for k, v in list(document["metrics"].items())[:MAX_METRICS]
+                    if isinstance(k, str)
+                    and 0 < len(k) <= MAX_METRIC_NAME_CHARS
+                    and _plain(k)
+                    and not (isinstance(v, int) and not isinstance(v, bool) and abs(v) >= _INT64)
+                }
+            )
+            if len(kept) < len(document["metrics"]):
+                drops.append("metrics")
+            document = {**document, "metrics": kept}
+        summary = TerminationSummary.model_validate(document)
+    except (ValueError, TypeError, ValidationError, RecursionError, ArithmeticError):
+        # Not JSON, nested beyond the parser, not a summary, or numbers beyond any float.
+        drops.append("message")
+        return None
+    update: dict[str, Any] = {}
+    if len(summary.error) > MAX_ERROR_CHARS:
+        update["error"] = _shorten(summary.error, MAX_ERROR_CHARS)
+    if len(summary.reason) > MAX_REASON_CHARS or not _plain(summary.reason):
+        update["reason"] = ""
+    if summary.rank is not None and not 0 <= summary.rank < _INT64:
+        update["rank"] = None
+    if summary.step is not None and not 0 <= summary.step < _INT64:
+        update["step"] = None
+    notes = [_shorten(note, MAX_NOTE_CHARS) for note in summary.notes[:MAX_NOTES]]
+    if notes != summary.notes:
+        update["notes"] = notes
+    if summary.output_model and not (model := _output_model(summary.output_model, output_uri)):
+        update["output_model"] = model
+    drops.extend(name for name in update if name != "error")
+    return summary.model_copy(update=update) if update else summary
 
 
 def write_termination_message(path: str, summary: TerminationSummary) -> None:

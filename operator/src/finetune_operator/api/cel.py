@@ -14,6 +14,7 @@ from typing import Any
 import celpy
 
 _MISSING = object()
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ def _typed(schema: dict[str, Any], value: Any, where: tuple[str | int, ...] = ()
     cel-python types values by their Python type and refuses to compare an int with a double. A float
     in an integer field (2.0, which schema validation accepts) is invalid data to the API server's CEL.
     """
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
+        # The API server's decoder refuses such a number before any rule runs; a rule that reads it here
+        # fails naming its field, instead of an overflow in whichever rule's arithmetic meets it.
+        field = ".".join(map(str, where))
+        return _InvalidData(f"invalid data, {field} is {value}, beyond int64")
     if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     int_or_string = bool(schema.get("x-kubernetes-int-or-string"))

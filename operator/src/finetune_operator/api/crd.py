@@ -7,6 +7,7 @@ new kind of field cannot silently produce a wrong schema.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import types
@@ -14,12 +15,20 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
+from finetune_trainer.config import UriRules
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from finetune_operator import GROUP, KIND, PLURAL, VERSION
-from finetune_operator.api.spec import CelRule, FinetuneJob, FinetuneJobSpec, FinetuneJobStatus
+from finetune_operator.api.spec import (
+    CelRule,
+    FinetuneJob,
+    FinetuneJobSpec,
+    FinetuneJobStatus,
+    FiniteNumbers,
+    KubeSchema,
+)
 
 SHORT_NAMES = ["ftj"]
 CATEGORIES = ["ml"]
@@ -77,6 +86,12 @@ def _apply_constraints(schema: dict[str, Any], constraints: list[Any]) -> None:
                 schema[max_key] = constraint.max_length
         elif getattr(constraint, "pattern", None) is not None:
             schema["pattern"] = constraint.pattern
+        elif isinstance(constraint, UriRules):
+            schema.setdefault("x-kubernetes-validations", []).extend(
+                {"rule": rule.cel, "message": rule.words} for rule in constraint.rules
+            )
+        elif isinstance(constraint, FiniteNumbers):
+            pass  # JSON has no NaN or Infinity: the API server's decoder already refuses them
         else:
             raise TypeError(f"no CRD mapping for constraint {constraint!r}")
 
@@ -91,11 +106,16 @@ def _type_schema(annotation: Any) -> dict[str, Any]:
         for extra in extras:
             if isinstance(extra, FieldInfo):
                 if isinstance(extra.json_schema_extra, dict):
-                    schema.update(extra.json_schema_extra)
+                    schema.update(copy.deepcopy(extra.json_schema_extra))
                 constraints.extend(extra.metadata)
             else:
                 constraints.append(extra)
-        _apply_constraints(schema, constraints)
+        kube_schemas = [c for c in constraints if isinstance(c, KubeSchema)]
+        if kube_schemas:
+            # A Kubernetes type: its own (derived, structural) schema replaces the free-form one.
+            (kube_schema,) = kube_schemas
+            schema = copy.deepcopy(kube_schema.schema)
+        _apply_constraints(schema, [c for c in constraints if not isinstance(c, KubeSchema)])
         return schema
     if origin in (Union, types.UnionType):
         members = [arg for arg in get_args(annotation) if arg is not type(None)]

@@ -7,12 +7,16 @@ Field names are the public API: they are camelCase aliases of the Python attribu
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from finetune_trainer.config import (
     ADAPTER_METHODS,
     FORMAT_COLUMNS,
+    NO_CONTROL_CHARACTERS,
+    S3_BUCKET_WORDS,
     S3_DATA_FILE_PATTERN,
     S3_PREFIX_PATTERN,
     DatasetFormat,
@@ -22,11 +26,25 @@ from finetune_trainer.config import (
     Precision,
     S3DataFile,
     S3Prefix,
+    UriRules,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError, core_schema
 
 from finetune_operator import API_VERSION, KIND
+from finetune_operator.api.deepspeed_overrides import check_deepspeed_overrides
+from finetune_operator.api.kube_schemas import (
+    LABEL_VALUE,
+    LABEL_VALUE_WORDS,
+    MAX_QUALIFIED_NAME_LENGTH,
+    QUALIFIED_NAME_OR_EMPTY,
+    QUALIFIED_NAME_WORDS,
+    map_keys_rule,
+    prefix_length_rule,
+    schema_problems,
+)
+from finetune_operator.api.kube_schemas_generated import AFFINITY_SCHEMA
 from finetune_operator.api.naming import MAX_JOB_NAME_LENGTH, MAX_NODES
 
 
@@ -49,9 +67,18 @@ DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_1123_SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
 # A Kubernetes resource quantity ("32", "500m", "512Gi", "1.5").
 QUANTITY = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[munkMGTPE]|[KMGTPE]i)?$"
-HTTP_URL_OR_EMPTY = r"^(https?://[^\s/]+(/\S*)?)?$"
+# No '@' before the path: credentials (http://user:password@host) would land in the job's ConfigMap.
+HTTP_URL_OR_EMPTY = r"^(https?://[^\s/@]+(/\S*)?)?$"
 REGION_OR_EMPTY = r"^([a-z0-9][a-z0-9-]{0,62})?$"
 NO_WHITESPACE = r"^\S*$"
+# The largest integer quantity (bytes of memory, CPUs): within int64, and a float64 that prints as itself,
+# as the API server keeps and serves a schema's maximum (2**63 - 1 would come back as 9223372036854775808).
+MAX_INTEGER_QUANTITY = 10**18
+# The longest duration a time limit may name: 10 years (365-day years) in seconds, far within what a
+# datetime holds (year 9999) whenever it is added to the present.
+MAX_DURATION_SECONDS = 10 * 365 * 24 * 3600
+# The most optimizer steps a job can train for (hyperparameters.maxSteps), and so any step interval.
+MAX_STEPS = 100_000_000
 
 # What each pattern allows, in words, for error messages (the CRD carries the patterns themselves).
 PATTERN_HINTS: dict[str, str] = {}
@@ -61,18 +88,79 @@ def _hint(pattern: str, words: str) -> None:
     PATTERN_HINTS[pattern] = words
 
 
+_hint(S3_PREFIX_PATTERN, f"an S3 location s3://<bucket>/<prefix> ({S3_BUCKET_WORDS})")
 _hint(
-    S3_PREFIX_PATTERN,
-    "an S3 location s3://<bucket>/<prefix> (bucket: 3-63 lowercase letters, digits, '.', '-')",
+    S3_DATA_FILE_PATTERN,
+    f"an S3 object s3://<bucket>/<key> whose key ends in .jsonl or .parquet ({S3_BUCKET_WORDS})",
 )
-_hint(S3_DATA_FILE_PATTERN, "an S3 object s3://<bucket>/<key> whose key ends in .jsonl or .parquet")
 _hint(DNS_1123_SUBDOMAIN_OR_EMPTY, "empty, or a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')")
 _hint(QUANTITY, "a Kubernetes quantity such as 32, 500m or 512Gi")
-_hint(HTTP_URL_OR_EMPTY, "empty, or an http:// or https:// URL such as http://minio.storage:9000")
+_hint(
+    HTTP_URL_OR_EMPTY,
+    "empty, or an http:// or https:// URL such as http://minio.storage:9000, without user:password@ "
+    "(credentials in the endpoint would land in a ConfigMap; use storage.credentialsSecret)",
+)
 _hint(REGION_OR_EMPTY, "empty, or a region name such as us-east-1")
 _hint(NO_WHITESPACE, "an image reference without whitespace")
+_hint(QUALIFIED_NAME_OR_EMPTY, f"empty, or {QUALIFIED_NAME_WORDS}")
+_hint(LABEL_VALUE, LABEL_VALUE_WORDS)
 
-Quantity = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+
+def _non_finite(value: Any) -> str | None:
+    """Where, in a free-form JSON value, a number is NaN or infinite ("x.y[2]"), or None. Iterative, so
+    that no depth of nesting makes it recurse."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return f"{where or '(the value)'} is {json.dumps(node)}"
+        if isinstance(node, dict):
+            stack += [(f"{where}.{key}" if where else str(key), child) for key, child in node.items()]
+        elif isinstance(node, list):
+            stack += [(f"{where}[{index}]", child) for index, child in enumerate(node)]
+    return None
+
+
+class FiniteNumbers:
+    """``Annotated`` metadata for a free-form JSON field: every number in it is finite. (The API server
+    needs no rule for it: JSON has no NaN or Infinity; YAML's .nan and .inf are what this catches.)"""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    @staticmethod
+    def _check(value: Any) -> Any:
+        found = _non_finite(value)
+        if found is not None:
+            words = "must hold only finite numbers, not NaN or Infinity: {found}"
+            raise PydanticCustomError("finite_number", words, {"found": found})
+        return value
+
+
+@dataclass(frozen=True, eq=False)
+class KubeSchema:
+    """``Annotated`` metadata for a field that is a Kubernetes type: its structural schema (derived from
+    Kubernetes' own, see ``kube_schemas.py``) is the field's CRD schema, and pydantic checks values
+    against it. The CEL rules in it run with the rest of the CRD's."""
+
+    schema: dict[str, Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def _check(self, value: Any) -> Any:
+        problems = schema_problems(self.schema, value)
+        if problems:
+            raise PydanticCustomError("kube_schema", "{problems}", {"problems": "; ".join(problems)})
+        return value
+
+
+FreeFormJson = Annotated[dict[str, Any], FiniteNumbers()]
+Affinity = Annotated[dict[str, Any], FiniteNumbers(), KubeSchema(AFFINITY_SCHEMA)]
+Quantity = (
+    Annotated[int, Field(ge=0, le=MAX_INTEGER_QUANTITY)]
+    | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+)
 DnsSubdomainOrEmpty = Annotated[str, Field(pattern=DNS_1123_SUBDOMAIN_OR_EMPTY, max_length=253)]
 ShortName = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -80,7 +168,9 @@ ShortName = Annotated[str, Field(min_length=1, max_length=256)]
 class SpecModel(BaseModel):
     """Strict like the API server: no type coercion, no unknown fields, camelCase names."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, alias_generator=to_camel, validate_by_name=False)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, alias_generator=to_camel, validate_by_name=False, allow_inf_nan=False
+    )
     __cel_rules__: ClassVar[tuple[CelRule, ...]] = ()
 
 
@@ -245,7 +335,7 @@ class HyperparametersSpec(SpecModel):
     epochs: Annotated[int, Field(ge=1, le=1000)] | None = Field(
         default=None, description="Passes over the training data. Mutually exclusive with maxSteps."
     )
-    max_steps: Annotated[int, Field(ge=1, le=100_000_000)] | None = Field(
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = Field(
         default=None, description="Optimizer steps to train for. Mutually exclusive with epochs."
     )
     learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(
@@ -298,27 +388,68 @@ class DeepSpeedSpec(SpecModel):
     offload: Offload = Field(
         default="none", description="Offload optimizer state (and parameters at stage 3) to CPU memory."
     )
-    config: dict[str, Any] = Field(
+    config: FreeFormJson = Field(
         default_factory=dict,
         max_length=64,
         description="Raw DeepSpeed configuration keys merged last over the generated configuration, "
-        "e.g. {zero_optimization: {overlap_comm: true}}.",
+        "e.g. {zero_optimization: {overlap_comm: true}}; only the keys listed in docs/api.md (none that "
+        "imports code, writes files or contradicts a spec field).",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _allowed_overrides(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Only documented DeepSpeed keys of the right type (deepspeed_overrides.py says why)."""
+        issues = check_deepspeed_overrides(config, path="")
+        if issues:
+            problems = "; ".join(f"{path.lstrip('.')}: {message}" for path, message in issues)
+            raise PydanticCustomError("deepspeed_config", "{problems}", {"problems": problems})
+        return config
 
 
 class Toleration(SpecModel):
-    """A Kubernetes toleration (core/v1 Toleration)."""
+    """A Kubernetes toleration (core/v1 Toleration), checked as Kubernetes checks a pod's."""
 
-    key: Annotated[str, Field(max_length=316)] = Field(
-        default="", description="Taint key; empty matches all."
+    __cel_rules__ = (
+        CelRule(
+            rule="self.operator != 'Exists' || self.value == ''",
+            message="spec.resources.tolerations[].value must be empty when operator is Exists (Exists "
+            "matches every value)",
+            field_path=".value",
+        ),
+        CelRule(
+            rule="!has(self.tolerationSeconds) || self.effect == 'NoExecute'",
+            message="spec.resources.tolerations[].tolerationSeconds needs effect NoExecute (only "
+            "NoExecute taints evict pods)",
+            field_path=".tolerationSeconds",
+        ),
+        CelRule(
+            rule="self.key != '' || self.operator == 'Exists'",
+            message="spec.resources.tolerations[] with an empty key matches every taint and needs operator "
+            "Exists",
+            field_path=".operator",
+        ),
+        CelRule(
+            rule=prefix_length_rule("self.key"),
+            message="spec.resources.tolerations[].key has a prefix before '/' of at most 253 characters",
+            field_path=".key",
+        ),
+    )
+
+    key: Annotated[str, Field(max_length=MAX_QUALIFIED_NAME_LENGTH, pattern=QUALIFIED_NAME_OR_EMPTY)] = Field(
+        default="", description="Taint key (a label key); empty matches all keys, with operator Exists."
     )
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
-    value: Annotated[str, Field(max_length=63)] = Field(default="", description="Taint value for Equal.")
+    value: Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)] = Field(
+        default="", description="Taint value for Equal (a label value); empty for Exists."
+    )
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
         default="", description="Taint effect to tolerate; empty matches all effects."
     )
-    toleration_seconds: Annotated[int, Field(ge=0)] | None = Field(
-        default=None, description="How long a NoExecute taint is tolerated."
+    toleration_seconds: Annotated[int, Field(ge=0, le=MAX_DURATION_SECONDS)] | None = Field(
+        default=None,
+        description="How long a NoExecute taint is tolerated before the pod is evicted (only with effect "
+        "NoExecute; at most 10 years).",
     )
 
 
@@ -335,16 +466,19 @@ class ResourcesSpec(SpecModel):
     )
     cpu: Quantity | None = Field(default=None, description='CPU request per worker pod, e.g. "32".')
     memory: Quantity | None = Field(default=None, description="Memory request per worker pod, e.g. 512Gi.")
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, max_length=64, description="Node labels the worker pods require."
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the worker pods require (label keys and values).",
+        json_schema_extra={"x-kubernetes-validations": [map_keys_rule("spec.resources.nodeSelector")]},
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="Taints the worker pods tolerate."
     )
-    affinity: dict[str, Any] = Field(
+    affinity: Affinity = Field(
         default_factory=dict,
-        max_length=3,
-        description="Pod affinity rules (core/v1 Affinity: nodeAffinity, podAffinity, podAntiAffinity).",
+        description="Pod affinity rules (core/v1 Affinity: nodeAffinity, podAffinity, podAntiAffinity), "
+        "checked with Kubernetes' own schema for it.",
     )
     priority_class_name: DnsSubdomainOrEmpty = Field(default="", description="PriorityClass of the workers.")
     scheduler_name: DnsSubdomainOrEmpty = Field(
@@ -361,8 +495,12 @@ class ResourcesSpec(SpecModel):
 class StorageSpec(SpecModel):
     """The S3-compatible object store holding the model, data and outputs."""
 
-    endpoint: Annotated[str, Field(pattern=HTTP_URL_OR_EMPTY, max_length=512)] = Field(
-        default="", description="S3 endpoint URL for MinIO, Ceph or any S3-compatible store; empty: AWS S3."
+    endpoint: Annotated[
+        str, Field(pattern=HTTP_URL_OR_EMPTY, max_length=512), UriRules((NO_CONTROL_CHARACTERS,))
+    ] = Field(
+        default="",
+        description="S3 endpoint URL for MinIO, Ceph or any S3-compatible store; empty: AWS S3. No "
+        "credentials in it (it is written to a ConfigMap): they go in credentialsSecret.",
     )
     region: Annotated[str, Field(pattern=REGION_OR_EMPTY, max_length=63)] = Field(
         default="", description="S3 region; empty: the environment's default."
@@ -380,7 +518,7 @@ class OutputSpec(SpecModel):
     uri: S3Prefix = Field(
         description="S3 prefix for checkpoints/, model/, metrics.json, config.json and README.md."
     )
-    checkpoint_every_steps: Annotated[int, Field(ge=1)] = Field(
+    checkpoint_every_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = Field(
         default=500, description="Optimizer steps between checkpoints."
     )
     keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = Field(
@@ -395,7 +533,7 @@ class OutputSpec(SpecModel):
 class EvaluationSpec(SpecModel):
     """When evaluation runs (it needs dataset.eval or dataset.evalSplit)."""
 
-    every_steps: Annotated[int, Field(ge=1)] = Field(
+    every_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = Field(
         default=200, description="Optimizer steps between evaluations; one also runs at the end."
     )
 
@@ -406,13 +544,15 @@ class RunPolicySpec(SpecModel):
     backoff_limit: Annotated[int, Field(ge=0, le=1000)] = Field(
         default=3, description="Gang restarts after worker failures before the job is Failed."
     )
-    active_deadline_seconds: Annotated[int, Field(ge=0)] = Field(
-        default=0, description="Seconds the job may run before it fails with DeadlineExceeded; 0: no limit."
+    active_deadline_seconds: Annotated[int, Field(ge=0, le=MAX_DURATION_SECONDS)] = Field(
+        default=0,
+        description="Seconds the job may run before it fails with DeadlineExceeded; 0: no limit. At most "
+        "315360000 (10 years), so that the deadline is always a date.",
     )
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = Field(
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=MAX_DURATION_SECONDS)] = Field(
         default=0,
         description="Seconds after Succeeded or Failed before the job's pods, Service and ConfigMap are "
-        "deleted (the FinetuneJob and its status stay); 0: keep them.",
+        "deleted (the FinetuneJob and its status stay); 0: keep them. At most 315360000 (10 years).",
     )
     suspend: bool = Field(
         default=False,
@@ -605,6 +745,6 @@ class FinetuneJob(BaseModel):
     kind: Literal[KIND] = KIND
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: FinetuneJobSpec
-    status: dict[str, Any] | None = Field(
+    status: FreeFormJson | None = Field(
         default=None, description="Written by the operator; ignored in manifests."
     )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import random
 import re
 import types
 from collections.abc import Hashable
@@ -28,6 +30,7 @@ from finetune_operator.api.crd import openapi_schema
 from finetune_operator.api.spec import PATTERN_HINTS, FinetuneJob
 
 _ABSENT = object()
+_INT64 = (-(2**63), 2**63 - 1)
 
 _TYPE_WORDS = {
     "int_type": "an integer",
@@ -66,11 +69,13 @@ class DocumentReport:
     name: str | None = None
     issues: list[ValidationIssue] = field(default_factory=list)
     skipped: str | None = None
+    job: FinetuneJob | None = None  # the parsed job, when the document is a valid FinetuneJob
 
     @property
     def label(self) -> str:
         # Quoted as JSON, so that a name with a line break (invalid, and reported) keeps to one line.
-        named = f" ({KIND} {json.dumps(self.name, ensure_ascii=False)})" if self.name else ""
+        shown = _printable(json.dumps(_shortened(str(self.name), 63), ensure_ascii=False))
+        named = f" ({KIND} {shown})" if self.name else ""
         return f"{self.source}: document {self.index}{named}"
 
 
@@ -87,11 +92,33 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# Control, bidirectional-override and invisible characters: echoed escaped, never as they are.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# Keys (and names) longer than this are shown shortened in messages: above Kubernetes' longest field
+# names (preferredDuringSchedulingIgnoredDuringExecution has 47), so real paths stay whole.
+_SHOWN_KEY_CHARS = 64
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda match: json.dumps(match.group())[1:-1], text)
+
+
+def _shortened(text: str, most: int = _SHOWN_KEY_CHARS) -> str:
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def _shown_key(key: Any) -> str:
+    return _printable(_shortened(str(key)))
+
+
 def dotted(path: tuple[str | int, ...]) -> str:
-    """kubectl's form: spec.resources.tolerations[0].effect."""
+    """kubectl's form: spec.resources.tolerations[0].effect; keys are shown shortened and escaped."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        if isinstance(part, int) and not isinstance(part, bool):
+            text += f"[{part}]"
+        else:
+            text += f".{_shown_key(part)}" if text else _shown_key(part)
     return text
 
 
@@ -207,9 +234,17 @@ def rule_issues(document: dict[str, Any], old: dict[str, Any] | None = None) -> 
     # Rules on the whole object (metadata.name) name the field in their message; the value would be
     # the whole manifest, so it is left out.
     return [
-        ValidationIssue(dotted(v.path), v.message, _value_at(document, v.path) if v.path else _ABSENT)
+        ValidationIssue(
+            dotted(v.path), _quoted_shortened(v.message), _value_at(document, v.path) if v.path else _ABSENT
+        )
         for v in violations
     ]
+
+
+def _quoted_shortened(message: str) -> str:
+    """A rule's message with each long quoted value in it (a messageExpression echoes the name) shortened."""
+    shortened = re.sub(r'"([^"]{61,})"', lambda m: f'"{_shortened(m.group(1))}"', message)
+    return _printable(shortened)
 
 
 # --- What the API server does before and besides the schema ----------------------------------------
@@ -238,9 +273,11 @@ OBJECT_META_FIELDS = (
 # "bcdfghjklmnpqrstvwxz2456789"; "xxxxx" stands for them (every rule judges all such names alike).
 GENERATED_NAME_PREFIX_LENGTH = 58
 GENERATED_NAME_SUFFIX = "xxxxx"
+GENERATED_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 # go-openapi takes a JSON number for an integer when it is integral and within +-2**53.
 _LARGEST_EXACT_INTEGER = 2**53
 _DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _QUALIFIED_NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 _MAX_ANNOTATIONS_BYTES = 256 * 1024
@@ -306,8 +343,31 @@ def _unknown_fields(value: Any, schema: dict[str, Any], path: tuple[str | int, .
     return issues
 
 
+def _int64_issues(value: Any, path: tuple[str | int, ...]) -> list[ValidationIssue]:
+    """Integers a JSON decoder into int64 refuses, each named by its field."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        if _INT64[0] <= value <= _INT64[1]:
+            return []
+        return [
+            ValidationIssue(
+                dotted(path), f"must be an integer within int64 ({_INT64[0]} to {_INT64[1]})", value
+            )
+        ]
+    if isinstance(value, dict):
+        return [issue for key, child in value.items() for issue in _int64_issues(child, (*path, key))]
+    if isinstance(value, list):
+        return [issue for index, child in enumerate(value) for issue in _int64_issues(child, (*path, index))]
+    return []
+
+
 def _is_subdomain(text: str) -> bool:
     return len(text) <= 253 and _DNS_1123_SUBDOMAIN.fullmatch(text) is not None
+
+
+def _is_dns_label(text: str) -> bool:
+    return len(text) <= 63 and _DNS_1123_LABEL.fullmatch(text) is not None
 
 
 def _is_qualified_name(key: str) -> bool:
@@ -332,6 +392,16 @@ def _metadata_issues(document: dict[str, Any]) -> list[ValidationIssue]:
         for key, value in metadata.items()
         if key not in OBJECT_META_FIELDS
     ]
+    namespace = metadata.get("namespace")
+    if isinstance(namespace, str) and namespace and not _is_dns_label(namespace):
+        issues.append(
+            ValidationIssue(
+                "metadata.namespace",
+                "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', starting and "
+                "ending with a letter or digit",
+                namespace,
+            )
+        )
     if not metadata.get("name") and not metadata.get("generateName"):
         issues.append(
             ValidationIssue("metadata.name", "required field is missing (or metadata.generateName)")
@@ -359,7 +429,7 @@ def _metadata_issues(document: dict[str, Any]) -> list[ValidationIssue]:
         if isinstance(value, str) and (len(value) > 63 or not _LABEL_VALUE.fullmatch(value)):
             issues.append(
                 ValidationIssue(
-                    f"metadata.labels.{key}",
+                    dotted(("metadata", "labels", key)),
                     "must be empty, or at most 63 letters, digits, '-', '_' or '.', starting and ending "
                     "with a letter or digit",
                     value,
@@ -402,12 +472,15 @@ def validate_object(document: Any) -> tuple[FinetuneJob | None, list[ValidationI
             ValidationIssue("", "must be a mapping with apiVersion, kind, metadata and spec", document)
         ]
     decoded, floats = _as_decoded(document)
-    issues = _metadata_issues(decoded)
+    out_of_range = _int64_issues(decoded, ())
+    issues = out_of_range + _metadata_issues(decoded)
     issues += _unknown_fields(decoded.get("status"), _schema()["properties"]["status"], ("status",))
     try:
         job = FinetuneJob.model_validate(decoded)
     except ValidationError as error:
         return None, issues + _structural_issues(error, decoded)
+    if out_of_range:
+        return None, issues  # the API server refuses to decode them; its CEL rules never run
     evaluated = _as_evaluated(defaulted(job), floats, document)
     name_generated = evaluated["metadata"].get("name") != job.metadata.name
     for issue in rule_issues(evaluated):
@@ -423,6 +496,18 @@ def validate_object(document: Any) -> tuple[FinetuneJob | None, list[ValidationI
     return (job if not issues else None), issues
 
 
+def generated_name(job: FinetuneJob, rng: random.Random | None = None) -> str | None:
+    """Names a job that has only ``metadata.generateName`` as the API server would (the prefix and 5
+    random characters) and returns the name; None when the job has a name already."""
+    prefix = job.metadata.generate_name
+    if job.metadata.name or not prefix:
+        return None
+    chooser = rng or random.SystemRandom()
+    suffix = "".join(chooser.choice(GENERATED_NAME_ALPHABET) for _ in GENERATED_NAME_SUFFIX)
+    job.metadata.name = prefix[:GENERATED_NAME_PREFIX_LENGTH] + suffix
+    return job.metadata.name
+
+
 def parse_finetune_job(document: Any) -> FinetuneJob:
     """The job, or :class:`InvalidManifestError` listing every problem."""
     job, issues = validate_object(document)
@@ -431,9 +516,111 @@ def parse_finetune_job(document: Any) -> FinetuneJob:
     return job
 
 
+# --- Reading YAML: bounded, so that no input crashes or stalls `finetune validate` -----------------------
+# The limits (documented in docs/api.md, "Limits of what validate reads"): a file is at most 1 MiB (the
+# API server takes at most 3 MiB, etcd stores at most 1.5 MiB), nested at most 64 levels deep, and its
+# aliases may add at most 10,000 nodes when expanded (a "billion laughs" file adds 10**9), never a
+# node that contains the alias itself.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+MAX_ALIAS_NODES = 10_000
+# Python refuses to convert integers of more digits than this (sys.get_int_max_str_digits).
+_MAX_INTEGER_DIGITS = 1000
+
+
+class ManifestLimitError(yaml.YAMLError):
+    """A limit of what validate reads was passed (size, depth, aliases) or a value no JSON holds."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
 class _StrictLoader(yaml.SafeLoader):
     """YAML as kubectl reads it: duplicate keys are errors (plain loading keeps the last one silently)
-    and exponents without a dot (``1e-4``) are numbers, as in go-yaml, not strings as in YAML 1.1."""
+    and exponents without a dot (``1e-4``) are numbers, as in go-yaml, not strings as in YAML 1.1;
+    timestamps stay strings (as go-yaml hands them to JSON); NaN, infinities and the types JSON cannot
+    hold (``!!binary``, ``!!set``, ...) are errors. Composing counts depth and alias expansions."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open_anchors: list[str | None] = []
+        self._alias_nodes = 0
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            self._count_alias(event, node)
+            return node
+        event = self.peek_event()
+        if self._depth >= MAX_DEPTH:
+            raise ManifestLimitError(
+                f"nested deeper than {MAX_DEPTH} levels, the most allowed", event.start_mark
+            )
+        self._depth += 1
+        self._open_anchors.append(getattr(event, "anchor", None))
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open_anchors.pop()
+
+    def _count_alias(self, event: yaml.AliasEvent, node: yaml.Node) -> None:
+        if event.anchor in self._open_anchors:
+            raise ManifestLimitError(
+                f"alias *{_printable(str(event.anchor))} refers to a node that contains it", event.start_mark
+            )
+        size, height = self._size(node)
+        self._alias_nodes += size
+        if self._alias_nodes > MAX_ALIAS_NODES:
+            raise ManifestLimitError(
+                f"aliases expand to more than {MAX_ALIAS_NODES} nodes, the most allowed", event.start_mark
+            )
+        if self._depth + height > MAX_DEPTH:
+            raise ManifestLimitError(
+                f"alias *{_printable(str(event.anchor))} nests the document deeper than {MAX_DEPTH} levels, "
+                "the most allowed",
+                event.start_mark,
+            )
+
+    def _size(self, node: yaml.Node) -> tuple[int, int]:
+        """Nodes and levels of ``node`` with every alias expanded (memoized: shared nodes count once
+        each here, and their expansions stay bounded by the checks made when they were composed)."""
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        sizes = [self._size(child) for child in children]
+        result = (1 + sum(s for s, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+        self._sizes[id(node)] = result
+        return result
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = super().construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise ManifestLimitError(
+                f"{_printable(str(node.value))[:40]} is not a number JSON (and so Kubernetes) can hold: "
+                "NaN and infinities are not, nor numbers beyond 1.8e308",
+                node.start_mark,
+            )
+        return value
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = sum(ch.isalnum() for ch in str(node.value))
+        if digits > _MAX_INTEGER_DIGITS:
+            raise ManifestLimitError(
+                f"an integer of {digits} digits; integers must be within int64 ({_INT64[0]} to {_INT64[1]})",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
 
 
 _StrictLoader.add_implicit_resolver(
@@ -453,17 +640,42 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
             )
         # Typed, so that 1 and true (equal in Python) are not taken for duplicates.
         if (type(key), key) in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {_printable(_shortened(repr(key), 60))}", key_node.start_mark
+            )
         seen.add((type(key), key))
     return loader.construct_mapping(node, deep=deep)
 
 
+def _not_json(loader: _StrictLoader, node: yaml.Node) -> Any:
+    raise ManifestLimitError(
+        f"the tag {_printable(str(node.tag))[:60]} names a type JSON (and so Kubernetes) cannot hold",
+        node.start_mark,
+    )
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor(
+    "tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node)
+)
+for _tag in ("binary", "set", "omap", "pairs"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _not_json)
 
 
-def _yaml_error(error: yaml.YAMLError) -> str:
+def _yaml_error(error: yaml.YAMLError, text: str) -> str:
+    if isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        character = error.character
+        code = f"U+{character:04X}" if isinstance(character, int) else _printable(repr(character))
+        return (
+            f"YAML error at line {line}, column {column}: the character {code} is not allowed in YAML "
+            "(of the control characters, only tab, line feed and carriage return are)"
+        )
     mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error)
+    problem = _shortened(_printable(getattr(error, "problem", None) or str(error)), 200)
     if mark is None:
         return f"YAML error: {problem}"
     return f"YAML error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
@@ -475,11 +687,12 @@ def _is_finetune_job(document: dict[str, Any]) -> bool:
 
 
 def validate_text(text: str, source: str) -> list[DocumentReport]:
-    """Reports for every document of a (multi-document) YAML text."""
+    """Reports for every document of a (multi-document) YAML text; each valid job is in its report."""
     reports: list[DocumentReport] = []
-    loader = _StrictLoader(text)
     reading = 1  # the number of the document being read, so that a syntax error names it
+    loader: _StrictLoader | None = None
     try:
+        loader = _StrictLoader(text)  # inside the try: it refuses control characters as it starts
         while loader.check_data():
             document = loader.get_data()
             report = DocumentReport(source, reading)
@@ -488,16 +701,45 @@ def validate_text(text: str, source: str) -> list[DocumentReport]:
             if document is None:
                 report.skipped = "empty document"
             elif isinstance(document, dict) and not _is_finetune_job(document):
-                report.skipped = f"not a {KIND} ({document.get('apiVersion')}, {document.get('kind')})"
+                kind = _shortened(_printable(f"{document.get('apiVersion')}, {document.get('kind')}"), 80)
+                report.skipped = f"not a {KIND} ({kind})"
             else:
                 if isinstance(document, dict) and isinstance(document.get("metadata"), dict):
                     metadata = document["metadata"]
                     report.name = metadata.get("name") or metadata.get("generateName")
-                _, report.issues = validate_object(document)
+                report.job, report.issues = validate_object(document)
     except yaml.YAMLError as error:
-        reports.append(DocumentReport(source, reading, issues=[ValidationIssue("", _yaml_error(error))]))
+        reports.append(
+            DocumentReport(source, reading, issues=[ValidationIssue("", _yaml_error(error, text))])
+        )
+    except RecursionError:  # not expected within MAX_DEPTH; a message all the same, never a traceback
+        reports.append(
+            DocumentReport(
+                source, reading, issues=[ValidationIssue("", f"nested deeper than {MAX_DEPTH} levels")]
+            )
+        )
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not reports:
         reports.append(DocumentReport(source, 1, skipped="no documents"))
     return reports
+
+
+def validate_bytes(data: bytes, source: str) -> list[DocumentReport]:
+    """:func:`validate_text` for a file's bytes: at most :data:`MAX_FILE_BYTES`, UTF-8 (a byte order
+    mark allowed), every problem reported with its line."""
+    if len(data) > MAX_FILE_BYTES:
+        problem = f"the file is larger than {MAX_FILE_BYTES // 1024 // 1024} MiB, the most validate reads"
+        return [DocumentReport(source, 1, issues=[ValidationIssue("", problem)])]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        start = error.start
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        problem = (
+            f"not UTF-8 at line {line}, column {column} (byte 0x{data[start]:02X}); manifests are UTF-8 text"
+        )
+        return [DocumentReport(source, 1, issues=[ValidationIssue("", problem)])]
+    return validate_text(text, source)

@@ -45,6 +45,13 @@ class OperatorMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.dropped_report_values = Counter(
+            "finetune_worker_report_values_dropped",
+            "Values of workers' reports (source: progress, the /progress document; termination, a "
+            "termination message) left out as malformed, out of bounds or not finite.",
+            ["source"],
+            registry=self.registry,
+        )
         self.time_to_running = Histogram(
             "finetune_time_to_all_workers_running_seconds",
             "From a job's creation to all of its workers running (first attempt).",

@@ -19,13 +19,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from finetune_trainer.summary import parse_termination_message
+
 from finetune_operator.api.spec import FinetuneJob, FinetuneJobStatus
 from finetune_operator.api.timestamps import parse_time
 from finetune_operator.api.validation import validate_object
 from finetune_operator.controller.kube import KubeApi, KubeApiError
 from finetune_operator.controller.manifests import WorkerSettings, build_gang
 from finetune_operator.controller.metrics import OperatorMetrics
-from finetune_operator.controller.observation import PodObservation
+from finetune_operator.controller.observation import PodObservation, ProgressReport, owned_by, parse_progress
 from finetune_operator.controller.progress import ProgressPoller
 from finetune_operator.controller.state import Decision, Event, JobObservation, decide, record_error
 
@@ -57,6 +59,10 @@ class Reconciler:
         self._parsed: dict[JobKey, tuple[int, FinetuneJob | None, tuple[str, ...]]] = {}
         self._creating: dict[JobKey, tuple[int, datetime]] = {}  # attempt created, and when
         self._failing: set[JobKey] = set()  # jobs whose last pass failed on an API call
+        # Worker reports already checked for bad values (counted and logged once, not every pass): the
+        # last /progress document, and (pod, termination message) pairs.
+        self._progress_seen: dict[JobKey, dict[str, Any]] = {}
+        self._messages_seen: dict[JobKey, set[tuple[str, str]]] = {}
 
     def forget(self, key: JobKey) -> None:
         """Drops what was remembered of a deleted job."""
@@ -64,6 +70,8 @@ class Reconciler:
         self._parsed.pop(key, None)
         self._creating.pop(key, None)
         self._failing.discard(key)
+        self._progress_seen.pop(key, None)
+        self._messages_seen.pop(key, None)
         self.metrics.forget(key)
         self.poller.forget(key)
 
@@ -101,10 +109,13 @@ class Reconciler:
         now = now or datetime.now(UTC)
         observed = self.observe(body)
         key = (observed.namespace, observed.name)
-        pods = list(pods)
+        # Workers are the pods the job controls: a pod with only its labels is another's, or anyone's.
+        pods = owned_by(pods, str(body.get("metadata", {}).get("uid") or ""))
+        self._check_messages(observed, pods)
         rank_zero = self._rank_zero(observed, pods)
         if rank_zero is not None:
-            progress = await self.poller.fetch(key, rank_zero.ip)
+            document = await self.poller.fetch(key, rank_zero.ip)
+            progress = self._check_progress(key, document) if document is not None else None
             observed = replace(observed, progress=progress, progress_poll_seconds=self.poller.interval)
         decision = decide(observed, pods, now)
         if decision.create_attempt is None:
@@ -128,6 +139,36 @@ class Reconciler:
         for event in decision.events:
             self.post_event(body, event)
         return decision.requeue_after
+
+    def _dropped(self, key: JobKey, source: str, where: str, names: list[str]) -> None:
+        """Bad values of a worker's report: a log line and the counter, once per report."""
+        if names:
+            self.metrics.dropped_report_values.labels(source).inc(len(names))
+            logger.warning(
+                "%s/%s: %s left out of the job's status (malformed, out of bounds or not finite): %s",
+                *key,
+                where,
+                ", ".join(dict.fromkeys(names)),
+            )
+
+    def _check_progress(self, key: JobKey, document: dict[str, Any]) -> ProgressReport:
+        report = parse_progress(document)
+        if self._progress_seen.get(key) is not document:
+            self._progress_seen[key] = document
+            self._dropped(key, "progress", "values of rank 0's /progress", list(report.dropped))
+        return report
+
+    def _check_messages(self, observed: JobObservation, pods: list[PodObservation]) -> None:
+        key = (observed.namespace, observed.name)
+        output_uri = observed.job.spec.output.uri if observed.job is not None else None
+        seen = self._messages_seen.setdefault(key, set())
+        current = {(p.name, p.termination_message) for p in pods if p.termination_message}
+        seen &= current  # forget pods that are gone
+        for name, message in current - seen:
+            seen.add((name, message))
+            dropped: list[str] = []
+            parse_termination_message(message, output_uri=output_uri, dropped=dropped)
+            self._dropped(key, "termination", f"values of pod {name}'s termination message", dropped)
 
     def _still_arriving(self, key: JobKey, attempt: int, now: datetime) -> bool:
         """Whether this operator created the gang of ``attempt`` moments ago: the pods that the state

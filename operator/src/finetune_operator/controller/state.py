@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune_trainer.summary import (
+    MAX_ERROR_CHARS,
     NON_FINITE_LOSS,
     NON_RETRYABLE_EXIT_CODE,
     STALLED,
@@ -23,7 +24,7 @@ from finetune_trainer.summary import (
 
 from finetune_operator.api.spec import Condition, FinetuneJob, FinetuneJobStatus, Phase, WorkersStatus
 from finetune_operator.api.timestamps import format_time, parse_time
-from finetune_operator.controller.observation import PodObservation, progress_status
+from finetune_operator.controller.observation import PodObservation, ProgressReport, progress_status
 
 TERMINAL_PHASES: tuple[Phase, ...] = ("Succeeded", "Failed")
 # Phases in which rank 0 reports progress, so the job is looked at again every poll interval.
@@ -46,8 +47,9 @@ class JobObservation:
     job: FinetuneJob | None
     invalid_reasons: tuple[str, ...] = ()
     status: FinetuneJobStatus = field(default_factory=FinetuneJobStatus)
-    # The newest /progress document of global rank 0, when the operator could read one.
-    progress: dict[str, Any] | None = None
+    # The newest /progress document of global rank 0, when the operator could read one (the reconciler
+    # passes it parsed; a raw document is parsed here, its bad values left out).
+    progress: ProgressReport | dict[str, Any] | None = None
     # While rank 0 runs: how often its /progress is read, the longest the job may wait for a look.
     progress_poll_seconds: float | None = None
     # The reconciler's previous pass failed on an API call (its ReconcileError is still current).
@@ -115,8 +117,33 @@ def record_error(
     return status.model_copy(update={"conditions": conditions})
 
 
-def _summary(pod: PodObservation) -> TerminationSummary | None:
-    return parse_termination_message(pod.termination_message)
+def _summary(pod: PodObservation, output_uri: str | None = None) -> TerminationSummary | None:
+    """The worker's summary, bounded; an outputModel only when under ``output_uri``."""
+    return parse_termination_message(pod.termination_message, output_uri=output_uri)
+
+
+# The latest moment a date can name: a deadline or TTL beyond it never comes.
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _after(moment: datetime, seconds: int) -> datetime:
+    """``moment`` plus ``seconds``, clamped: 10**12 seconds is past what a datetime can hold."""
+    try:
+        return moment + timedelta(seconds=seconds)
+    except OverflowError:
+        return _LATEST
+
+
+def _time(text: str | None) -> datetime | None:
+    """A timestamp of the status; None when it is absent or not one (a status anyone may have patched)."""
+    try:
+        return parse_time(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _trainer_reason(summary: TerminationSummary | None) -> str:
@@ -144,7 +171,9 @@ def _failure_description(pod: PodObservation) -> tuple[str, str]:
     reason = _trainer_reason(summary)
     if pod.exit_code == NON_RETRYABLE_EXIT_CODE:
         error = (
-            summary.error if summary and summary.error else pod.termination_message or "non-retryable error"
+            summary.error
+            if summary and summary.error
+            else _shorten(pod.termination_message, MAX_ERROR_CHARS) or "non-retryable error"
         )
         return reason or "NonRetryableError", f"{where}: {error}"
     if pod.deleting and pod.phase not in ("Failed", "Succeeded"):
@@ -204,7 +233,9 @@ class _Builder:
         self.status.completion_time = self.status.completion_time or format_time(self.now)
 
     def delete(self, pods: list[PodObservation]) -> None:
-        self.decision.delete_pods += [p.name for p in pods if not p.deleting]
+        for name in (p.name for p in pods if not p.deleting):
+            if name not in self.decision.delete_pods:
+                self.decision.delete_pods.append(name)
 
     def stop(self, pods: list[PodObservation]) -> None:
         """Deletes the workers still alive; finished ones stay for `kubectl logs` until the TTL."""
@@ -215,10 +246,13 @@ def _terminal(b: _Builder, pods: list[PodObservation], spec: FinetuneJob | None)
     """Finished jobs: stop leftover workers, then delete children after ttlSecondsAfterFinished."""
     b.stop(pods)
     ttl = spec.spec.run_policy.ttl_seconds_after_finished if spec else 0
-    finished = parse_time(b.status.completion_time)
+    finished = _time(b.status.completion_time)
+    if finished is None and b.status.completion_time:  # unreadable: the TTL counts from now
+        b.status.completion_time = format_time(b.now)
+        finished = _time(b.status.completion_time)
     cleaned = any(c.type == "ChildrenDeleted" for c in b.status.conditions)
     if ttl > 0 and finished is not None and not cleaned:
-        due = finished + timedelta(seconds=ttl)
+        due = _after(finished, ttl)
         if b.now >= due:
             b.delete(pods)
             b.decision.delete_children = True
@@ -258,8 +292,11 @@ def _next_step(b: _Builder, pods: list[PodObservation]) -> Decision:
 
     policy = job.spec.run_policy
     attempt = b.status.restarts
-    current = [p for p in pods if p.attempt == attempt]
+    nodes = job.spec.resources.nodes
+    current = [p for p in pods if p.attempt == attempt and 0 <= p.node_rank < nodes]
     stale = [p for p in pods if p.attempt != attempt]
+    # A pod of this attempt with a rank the gang has not: never one of its workers, only deleted.
+    b.delete([p for p in pods if p.attempt == attempt and not 0 <= p.node_rank < nodes])
 
     if policy.suspend:
         b.delete(pods)
@@ -278,9 +315,12 @@ def _next_step(b: _Builder, pods: list[PodObservation]) -> Decision:
         b.condition("Suspended", False, "Resumed", "resumed from the newest complete checkpoint")
         b.decision.events.append(Event("Normal", "Resumed", "resuming from the newest complete checkpoint"))
 
-    started_at = parse_time(b.status.start_time)
+    started_at = _time(b.status.start_time)
+    if started_at is None and b.status.start_time:  # unreadable: the deadline counts from now
+        b.status.start_time = format_time(now)
+        started_at = _time(b.status.start_time)
     if policy.active_deadline_seconds and started_at is not None:
-        deadline = started_at + timedelta(seconds=policy.active_deadline_seconds)
+        deadline = _after(started_at, policy.active_deadline_seconds)
         if now >= deadline:
             b.stop(pods)
             b.fail(
@@ -317,7 +357,7 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         return b.decision
 
     if all(p.phase == "Succeeded" for p in current):
-        summary = parse_termination_message(by_rank[0].termination_message)
+        summary = _summary(by_rank[0], output_uri=job.spec.output.uri)
         b.move_to("Succeeded", "training finished")
         # What the trainer left out of its summary (a NaN metric) is said where the outcome is.
         notes = "".join(f"; {note}" for note in summary.notes) if summary is not None else ""
