@@ -269,6 +269,7 @@ def test_an_error_reply_cut_short_is_retried_then_reported_as_what_it_is(
     assert type(broken.value) is StorageError and broken.value.uri == uri
 
 
+@pytest.mark.system  # about a minute of real backoff: not a unit test's seconds
 def test_permanent_throttling_with_the_production_settings_ends_within_the_documented_bound(
     server: S3Server, proxy: FaultProxy, bucket: str
 ) -> None:
