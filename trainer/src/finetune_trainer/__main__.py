@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from finetune_trainer.config import load_trainer_config
-from finetune_trainer.gang import Gang
+from finetune_trainer.gang import Gang, is_peer_gone
 from finetune_trainer.summary import TerminationSummary, finite_metrics
 from finetune_trainer.worker_env import (
     DEFAULT_STOP_GRACE_SECONDS,
@@ -56,7 +56,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     gang.start()
     # Imported here: the heavy stack (torch, deepspeed) loads only once the configuration is valid.
     from finetune_trainer.errors import NonRetryableError
-    from finetune_trainer.gang import is_peer_gone
     from finetune_trainer.recipe import run
     from finetune_trainer.training_support import NonRetryableFailures
 

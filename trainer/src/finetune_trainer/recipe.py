@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -142,6 +142,13 @@ class FinetuneRecipe:
         self.ranks = ranks = init_distributed(config)
         self.tokenizer = load_tokenizer(inputs.model_dir, config)
         self.train_examples, self.eval_examples = self._prepare_data(inputs)
+        # Before the engine: a one-label classification run learns nothing (from_examples says so).
+        is_classification = config.dataset.format == "classification"
+        self.labels = (
+            LabelSet.from_examples(self.train_examples, source=config.dataset.train)
+            if is_classification
+            else None
+        )
         self.plan = make_plan(config, len(self.train_examples), ranks.world_size)
         reseed(self.hp.seed, ranks.rank, 0)
         model = load_model(inputs.model_dir, config)
@@ -160,12 +167,6 @@ class FinetuneRecipe:
         fault_point("resume")
         client_state = self.checkpointer.resume(self.engine) or {}
         self.state = LoopState.from_client_state(client_state)
-        is_classification = config.dataset.format == "classification"
-        self.labels = (
-            LabelSet.from_examples(self.train_examples, source=config.dataset.train)
-            if is_classification
-            else None
-        )
         self.log_every = max(1, min(10, self.plan.total_steps // 20))
 
     def _fetch_inputs(self) -> Inputs:
@@ -214,8 +215,6 @@ class FinetuneRecipe:
             evaluation = self._load_examples(inputs.eval_file, "evaluation")
         elif dataset.eval_split is not None:
             train, evaluation = data.split_eval(train, dataset.eval_split, self.hp.seed)
-        if dataset.format == "classification":
-            data.check_labels(train, dataset.train)  # before the engine: a one-label run learns nothing
         if dataset.packing:
             assert self.tokenizer.eos_token_id is not None
             train = data.pack(train, dataset.max_seq_length, self.tokenizer.eos_token_id)
@@ -304,7 +303,7 @@ class FinetuneRecipe:
         if not every_rank(bool(torch.isfinite(loss_sum).item()), self.ranks.device):
             self._non_finite_loss(math.nan)
 
-    def _non_finite_loss(self, loss: float) -> None:
+    def _non_finite_loss(self, loss: float) -> NoReturn:
         """Ends the run: a restart from the same checkpoint would diverge the same way, unless the job
         says otherwise (runPolicy.nonFiniteLoss: restart). Every rank sees the same all-reduced loss."""
         self._record_finished_checkpoint(wait=True)  # the pending checkpoint predates the NaN: keep it
