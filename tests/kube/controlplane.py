@@ -37,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from finetune_trainer.launch import process_start_time
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = ROOT / ".cluster" / "bin"
@@ -325,7 +326,7 @@ class ControlPlane:
                 start_new_session=True,
             )
         state = json.loads(self.state_file.read_text())
-        state["pids"][component] = [process.pid, _start_time(process.pid)]
+        state["pids"][component] = [process.pid, process_start_time(process.pid)]
         self.state_file.write_text(json.dumps(state))
 
     def _wait(self, component: str, ready: Callable[[], bool], deadline: float) -> None:
@@ -353,7 +354,7 @@ class ControlPlane:
         if not self.state_file.exists():
             return {}
         pids = json.loads(self.state_file.read_text()).get("pids", {})
-        return {name: pid for name, (pid, started) in pids.items() if _start_time(pid) == started}
+        return {name: pid for name, (pid, started) in pids.items() if process_start_time(pid) == started}
 
     def running(self) -> list[str]:
         return list(self._processes())
@@ -375,18 +376,6 @@ class ControlPlane:
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         shutil.rmtree(self.etcd_data, ignore_errors=True)
-
-
-def _start_time(pid: int) -> str | None:
-    """When the process started (/proc), to tell it from a later process that got the same pid.
-
-    A zombie (exited, not yet reaped by its parent) counts as gone.
-    """
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:

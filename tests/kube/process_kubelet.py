@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import kmock
 from finetune_operator.api.timestamps import format_time
-from finetune_trainer.launch import descendants
+from finetune_trainer.launch import descendants, process_start_time
 
 from .client import KubeClient
 from .pods import Kube
@@ -60,14 +60,6 @@ class ConfigError(Exception):
 
 def _now() -> str:
     return format_time(datetime.datetime.now(datetime.UTC))
-
-
-def _start_time(pid: int) -> str | None:
-    """When the process started (/proc), to tell it from a later process that got the same pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 @dataclasses.dataclass
@@ -100,10 +92,10 @@ class PodProcess:
         """Note the launcher's descendants while they are its: an orphan is not found from it later."""
         if self.process is not None and self.running:
             for pid in [self.process.pid, *descendants(self.process.pid)]:
-                self.tree.setdefault(pid, _start_time(pid) or "")
+                self.tree.setdefault(pid, process_start_time(pid) or "")
 
     def alive(self) -> list[int]:
-        return [pid for pid, started in self.tree.items() if _start_time(pid) == started]
+        return [pid for pid, started in self.tree.items() if process_start_time(pid) == started]
 
     def kill_tree(self) -> None:
         """SIGKILL the launcher and everything it started, all at once, as when a node dies."""

@@ -160,6 +160,16 @@ def _ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def process_start_time(pid: int) -> str | None:
+    """When a process started (clock ticks after boot, from /proc), to tell it from a later process that
+    got the same pid; None once it is gone or a zombie (exited, not yet reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, from /proc (Linux): torchrun's ranks and whatever they started."""
     parents: dict[int, list[int]] = {}

@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import yaml
 from finetune_trainer import worker_env
 from finetune_trainer.config import FolderStorageConfig, TrainerConfig
-from finetune_trainer.launch import descendants
+from finetune_trainer.launch import descendants, process_start_time
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary, parse_termination_message
 
 from finetune_operator.api.resolve import resolve_trainer_config
@@ -281,15 +281,6 @@ def supervise(
     return outcome, block
 
 
-def _start_time(pid: int) -> str | None:
-    """When a process started (clock ticks after boot, from /proc), None once it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
 class ProcessTree:
     """The launcher and every process seen below it, so that none outlives the run: torchrun starts
     each rank in a session of its own, and a rank whose torchrun died is no longer below the launcher.
@@ -303,7 +294,7 @@ class ProcessTree:
     def refresh(self) -> int:
         """Remembers the processes below the launcher now; returns how many were ever seen."""
         for pid in descendants(self.launcher.pid):
-            if pid not in self.seen and (started := _start_time(pid)) is not None:
+            if pid not in self.seen and (started := process_start_time(pid)) is not None:
                 self.seen[pid] = started
         return len(self.seen)
 
@@ -313,14 +304,14 @@ class ProcessTree:
             self.launcher.send_signal(signal.SIGTERM)
 
     def survivors(self) -> list[int]:
-        return [pid for pid, started in dict(self.seen).items() if _start_time(pid) == started]
+        return [pid for pid, started in dict(self.seen).items() if process_start_time(pid) == started]
 
     def kill(self) -> None:
         """SIGKILL to the launcher and to every process of the run that still runs."""
         below = descendants(self.launcher.pid)  # before the launcher goes, and its children with it
         with contextlib.suppress(OSError):
             self.launcher.kill()
-        for pid in {*self.survivors(), *(pid for pid in below if _start_time(pid) is not None)}:
+        for pid in {*self.survivors(), *(pid for pid in below if process_start_time(pid) is not None)}:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
