@@ -110,7 +110,8 @@ class Gang:
         threading.Thread(target=self._watch, name="gang-watchdog", daemon=True).start()
 
     def attach_store(self, store: Any) -> None:
-        """The process group's store, once it exists: the abort mark lives there."""
+        """A client of the job's rendezvous store (training_support.gang_store), where the abort mark
+        lives; None leaves this rank to the process group alone."""
         self._store = store
 
     def stop_requested(self) -> bool:
