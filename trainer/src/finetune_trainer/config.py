@@ -136,6 +136,32 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
 }
 
+# The metrics an evaluation reports, by what produces them: the trainer's evaluation writes these names, the
+# eval gate may test any of them that the job produces (metrics_produced), and the CRD's rules say so.
+TRAIN_METRICS = ("trainLoss",)
+LANGUAGE_MODEL_METRICS = ("evalLoss", "perplexity", "tokenAccuracy")
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
+GENERATION_METRICS = ("answerAccuracy",)
+GATE_METRICS = (*TRAIN_METRICS, *LANGUAGE_MODEL_METRICS, *CLASSIFICATION_METRICS, *GENERATION_METRICS)
+GateMetric = Literal[GATE_METRICS]  # a tuple subscript is the Literal of its items
+# Generation-based evaluation compares a reply with a reference reply: formats that have one.
+GENERATION_FORMATS: tuple[DatasetFormat, ...] = ("chat", "instruction")
+# How a generated reply is compared with the reference, both normalised (case, whitespace, punctuation).
+AnswerMatch = Literal["contains", "exact"]
+
+
+def metrics_produced(dataset_format: str, has_eval: bool, generation: bool) -> tuple[str, ...]:
+    """The metric names a run's final metrics hold (what an eval gate may test)."""
+    if not has_eval:
+        return TRAIN_METRICS
+    produced = (*TRAIN_METRICS, *LANGUAGE_MODEL_METRICS)
+    if dataset_format == "classification":
+        produced += CLASSIFICATION_METRICS
+    if generation:
+        produced += GENERATION_METRICS
+    return produced
+
+
 # The port on global rank 0 that serves /progress and /metrics to the operator.
 PROGRESS_PORT = 29600
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -157,6 +183,8 @@ class JobIdentity(ContractModel):
 class ModelSource(ContractModel):
     uri: S3Prefix
     trust_remote_code: bool
+    # A LoRA adapter written by an earlier job on the same base: training continues it.
+    adapter: S3Prefix | None = None
 
 
 class DatasetConfig(ContractModel):
@@ -284,9 +312,43 @@ class OutputConfig(ContractModel):
     save_merged: bool
 
 
+class GenerationConfig(ContractModel):
+    """Generation-based evaluation: a greedy reply to each eval prompt, compared with its reference."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)]
+    match: AnswerMatch
+
+
+class GateConfig(ContractModel):
+    """The final metric the job must reach to succeed; otherwise the model goes to ``rejected/``."""
+
+    metric: GateMetric
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GateConfig:
+        # Guards the final check: with neither bound every model would pass, with both it is ambiguous.
+        if (self.min is None) == (self.max is None):
+            raise ValueError("an eval gate has exactly one of min and max")
+        return self
+
+    def holds(self, value: float) -> bool:
+        if self.min is not None:
+            return value >= self.min
+        assert self.max is not None
+        return value <= self.max
+
+    def words(self) -> str:
+        """The threshold as people read it, e.g. ``answerAccuracy >= 0.8``."""
+        return f"{self.metric} >= {self.min:g}" if self.min is not None else f"{self.metric} <= {self.max:g}"
+
+
 class EvaluationConfig(ContractModel):
     # None when the job has no evaluation data: then no evaluation runs.
     every_steps: Annotated[int, Field(ge=1)] | None
+    generation: GenerationConfig | None = None
+    gate: GateConfig | None = None
 
 
 class DistributedConfig(ContractModel):
@@ -340,6 +402,21 @@ class TrainerConfig(ContractModel):
             raise ValueError("qlora needs GPUs (4-bit bitsandbytes kernels have no CPU implementation)")
         if self.hyperparameters.early_stopping_patience is not None and not self.dataset.has_eval:
             raise ValueError("early stopping needs evaluation data (dataset.eval or dataset.evalSplit)")
+        # Guards a run that would train for hours and then fail on a metric it never computes.
+        evaluation = self.evaluation
+        if evaluation.generation is not None and (
+            self.dataset.format not in GENERATION_FORMATS or not self.dataset.has_eval
+        ):
+            raise ValueError("evaluation.generation needs chat or instruction data and evaluation data")
+        generates = evaluation.generation is not None
+        produced = metrics_produced(self.dataset.format, self.dataset.has_eval, generates)
+        if evaluation.gate is not None and evaluation.gate.metric not in produced:
+            raise ValueError(
+                f"evaluation.gate.metric {evaluation.gate.metric} is not produced by this job; it produces "
+                f"{', '.join(produced)}"
+            )
+        if self.model.adapter is not None and self.method.type not in ADAPTER_METHODS:
+            raise ValueError("model.adapter continues a LoRA adapter: it needs method lora or qlora")
         return self
 
     def to_json(self) -> str:

@@ -24,6 +24,8 @@ from finetune_trainer.config import (
     DistributedConfig,
     EvaluationConfig,
     FreezeConfig,
+    GateConfig,
+    GenerationConfig,
     HyperparametersConfig,
     JobIdentity,
     LoraConfig,
@@ -122,6 +124,7 @@ def resolve_trainer_config(
     hp = spec.hyperparameters
     dataset = _copy(DatasetConfig, spec.dataset)
     gpus = spec.resources.gpus_per_node
+    generation, gate = spec.evaluation.generation, spec.evaluation.gate
     return TrainerConfig(
         job=JobIdentity(name=job.metadata.name or "", namespace=job.metadata.namespace or "default"),
         model=_copy(ModelSource, spec.model),
@@ -152,6 +155,8 @@ def resolve_trainer_config(
             EvaluationConfig,
             spec.evaluation,
             every_steps=spec.evaluation.every_steps if dataset.has_eval else None,
+            generation=generation and _copy(GenerationConfig, generation),
+            gate=gate and _copy(GateConfig, gate),
         ),
         run_policy=_copy(
             RunPolicyConfig,

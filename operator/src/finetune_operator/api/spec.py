@@ -14,12 +14,18 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from finetune_trainer.config import (
     ADAPTER_METHODS,
+    CLASSIFICATION_METRICS,
     FORMAT_COLUMNS,
+    GENERATION_FORMATS,
+    GENERATION_METRICS,
     NO_CONTROL_CHARACTERS,
     S3_BUCKET_WORDS,
     S3_DATA_FILE_PATTERN,
     S3_PREFIX_PATTERN,
+    TRAIN_METRICS,
+    AnswerMatch,
     DatasetFormat,
+    GateMetric,
     LrScheduler,
     MethodType,
     Offload,
@@ -194,6 +200,12 @@ class ModelSpec(SpecModel):
         default=False,
         description="Allow the model directory's own Python code to run (transformers trust_remote_code). "
         "Only for models whose code you have reviewed.",
+    )
+    adapter: S3Prefix | None = Field(
+        default=None,
+        description="S3 location of a LoRA adapter written by an earlier FinetuneJob on the same base "
+        "(its model/ prefix): training continues that adapter on this job's data instead of starting a "
+        "new one. Needs method lora or qlora with the adapter's r, alpha and target modules.",
     )
 
 
@@ -530,11 +542,58 @@ class OutputSpec(SpecModel):
     )
 
 
+class GenerationSpec(SpecModel):
+    """Generation-based evaluation: answer accuracy on the evaluation rows."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=32, description="Longest generated reply, in tokens (greedy decoding)."
+    )
+    match: AnswerMatch = Field(
+        default="contains",
+        description="contains: the reply contains the reference; exact: the reply is the reference. Both "
+        "are compared after normalising case, whitespace and punctuation.",
+    )
+
+
+class GateSpec(SpecModel):
+    """The final metric a job must reach to succeed."""
+
+    __cel_rules__ = (
+        CelRule(
+            rule="has(self.min) != has(self.max)",
+            message="spec.evaluation.gate needs exactly one of min and max",
+        ),
+    )
+
+    metric: GateMetric = Field(
+        description="The final metric to check: trainLoss, or with evaluation data evalLoss, perplexity or "
+        "tokenAccuracy; classification data adds accuracy, precision, recall and f1; evaluation.generation "
+        "adds answerAccuracy."
+    )
+    min: float | None = Field(default=None, description="Succeed only when metric >= min.")
+    max: float | None = Field(default=None, description="Succeed only when metric <= max.")
+
+
 class EvaluationSpec(SpecModel):
-    """When evaluation runs (it needs dataset.eval or dataset.evalSplit)."""
+    """When evaluation runs (it needs dataset.eval or dataset.evalSplit), what it measures, and the gate a
+    job must pass to succeed."""
 
     every_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = Field(
-        default=200, description="Optimizer steps between evaluations; one also runs at the end."
+        default=200,
+        description="Optimizer steps between evaluations; one also runs before the first step (the base "
+        "model) and one at the end.",
+    )
+    generation: GenerationSpec | None = Field(
+        default=None,
+        description="Also generate a reply to each evaluation row (chat and instruction data) and report "
+        "answerAccuracy: the share of replies that match the row's reference reply (the last assistant "
+        "turn, the output, or a reference column).",
+    )
+    gate: GateSpec | None = Field(
+        default=None,
+        description="At the end, the job is Succeeded only when this final metric holds; otherwise it is "
+        "Failed with reason EvalGateNotMet and the model is written to <output>/rejected/ instead of "
+        "<output>/model/.",
     )
 
 
@@ -587,6 +646,41 @@ class FinetuneJobSpec(SpecModel):
             rule="self.method.type != 'qlora' || self.resources.gpusPerNode >= 1",
             message="spec.method.type qlora needs GPUs: set spec.resources.gpusPerNode to 1 or more",
             field_path=".resources.gpusPerNode",
+        ),
+        CelRule(
+            rule=f"!has(self.model.adapter) || self.method.type in {list(ADAPTER_METHODS)!r}",
+            message="spec.model.adapter continues a LoRA adapter: it needs spec.method.type lora or qlora",
+            field_path=".model.adapter",
+        ),
+        CelRule(
+            rule="!has(self.evaluation.generation) || "
+            "((has(self.dataset.eval) || has(self.dataset.evalSplit)) "
+            f"&& self.dataset.format in {list(GENERATION_FORMATS)!r})",
+            message="spec.evaluation.generation needs chat or instruction data (spec.dataset.format) and "
+            "evaluation data (spec.dataset.eval or spec.dataset.evalSplit)",
+            field_path=".evaluation.generation",
+        ),
+        CelRule(
+            rule=f"!has(self.evaluation.gate) || self.evaluation.gate.metric in {list(TRAIN_METRICS)!r} || "
+            "has(self.dataset.eval) || has(self.dataset.evalSplit)",
+            message="spec.evaluation.gate.metric other than trainLoss needs evaluation data: set "
+            "spec.dataset.eval or spec.dataset.evalSplit",
+            field_path=".evaluation.gate.metric",
+        ),
+        CelRule(
+            rule="!has(self.evaluation.gate) || "
+            f"!(self.evaluation.gate.metric in {list(GENERATION_METRICS)!r}) || "
+            "has(self.evaluation.generation)",
+            message="spec.evaluation.gate.metric answerAccuracy needs spec.evaluation.generation",
+            field_path=".evaluation.gate.metric",
+        ),
+        CelRule(
+            rule="!has(self.evaluation.gate) || "
+            f"!(self.evaluation.gate.metric in {list(CLASSIFICATION_METRICS)!r}) || "
+            "self.dataset.format == 'classification'",
+            message="spec.evaluation.gate.metric accuracy, precision, recall and f1 need "
+            "spec.dataset.format classification",
+            field_path=".evaluation.gate.metric",
         ),
         CelRule(
             rule=f"!self.output.saveMerged || self.method.type in {list(ADAPTER_METHODS)!r}",
