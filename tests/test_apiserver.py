@@ -226,23 +226,36 @@ def test_printer_columns_show_the_status(control_plane: RealCluster, namespace: 
     status = {
         "phase": "Running",
         "progress": {"step": 120, "totalSteps": 300, "percent": 40},
-        "metrics": {"evalLoss": 1.25, "trainLoss": 1.5},
+        "metrics": {"evalLoss": 1.25, "trainLoss": 1.5, "answerAccuracy": 0.625},
+        "baseMetrics": {"evalLoss": 2.75, "answerAccuracy": 0.05},
     }
     name = job["metadata"]["name"]
     stored = control_plane.admin.patch_object(FINETUNEJOBS, namespace, name, {"status": status}, sub="status")
     assert stored["status"]["phase"] == "Running"
+    assert stored["status"]["baseMetrics"] == status["baseMetrics"]  # in the schema: not pruned
 
-    output = kubectl_once_discovered(control_plane, "get", "ftj", "-n", namespace)
-    header, row, *rest = (re.split(r"\s{2,}", line.strip()) for line in output.splitlines())
-    assert rest == []
-    columns = VERSION["additionalPrinterColumns"]
-    assert header == ["NAME", *(column["name"].upper() for column in columns)]
-    *values, age = row[1:]
-    assert row[0] == name
-    assert columns[-1]["type"] == "date"  # Age: shown as a duration, such as 3s
-    assert values == [str(_at(stored, column["jsonPath"])) for column in columns[:-1]]
-    assert values == ["Running", "40", "120", "1.25"]
-    assert re.fullmatch(r"\d+s", age), age
+    all_columns = VERSION["additionalPrinterColumns"]
+    assert all_columns[-1]["type"] == "date"  # Age: shown as a duration, such as 3s
+    # The default view, then -o wide with the base model's columns (priority 1) beside the latest.
+    for wide, expected in (
+        (False, ["Running", "40", "120", "1.25"]),
+        (True, ["Running", "40", "120", "1.25", "2.75", "0.625", "0.05"]),
+    ):
+        args = ("get", "ftj", "-n", namespace, *(("-o", "wide") if wide else ()))
+        output = kubectl_once_discovered(control_plane, *args)
+        header, row, *rest = (re.split(r"\s{2,}", line.strip()) for line in output.splitlines())
+        assert rest == []
+        columns = [column for column in all_columns if wide or not column.get("priority")]
+        assert header == ["NAME", *(column["name"].upper() for column in columns)]
+        *values, age = row[1:]
+        assert row[0] == name
+        assert values == [str(_at(stored, column["jsonPath"])) for column in columns[:-1]]
+        assert values == expected
+        assert re.fullmatch(r"\d+s", age), age
+    # `kubectl describe` shows the base model's metrics beside the latest.
+    described = kubectl_once_discovered(control_plane, "describe", "ftj", name, "-n", namespace)
+    assert re.search(r"Base Metrics:\s+Answer Accuracy:\s+0.05\s+Eval Loss:\s+2.75\s", described), described
+    assert re.search(r"\n  Metrics:\s+Answer Accuracy:\s+0.625\s", described), described
 
 
 # --- 2. Admission: the server and `finetune validate` accept and reject the same manifests ------------

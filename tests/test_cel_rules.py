@@ -110,6 +110,18 @@ LORA_ONLY_LORA_QLORA = _rule("spec.method", "has(self.lora)")
 FREEZE_ONLY_FREEZE = _rule("spec.method", "has(self.freeze)")
 EPOCHS_XOR_MAX_STEPS = _rule("spec.hyperparameters", "maxSteps")
 OFFLOAD_NEEDS_ZERO = _rule("spec.deepspeed", "offload")
+ADAPTER_NEEDS_LORA = _rule("spec", "has(self.model.adapter)")
+GENERATION_NEEDS_EVAL_AND_REPLIES = _rule("spec", "!has(self.evaluation.generation)")
+GATE_METRIC_NEEDS_EVAL = _rule("spec", "['trainLoss']")
+GATE_ANSWER_ACCURACY_NEEDS_GENERATION = _rule("spec", "['answerAccuracy']")
+GATE_CLASSIFICATION_METRIC_NEEDS_CLASSIFICATION = _rule("spec", "['accuracy', 'precision'")
+GATE_ONE_BOUND = _rule("spec.evaluation.gate", "has(self.min)")
+GATE_RULES = (
+    GATE_METRIC_NEEDS_EVAL,
+    GATE_ANSWER_ACCURACY_NEEDS_GENERATION,
+    GATE_CLASSIFICATION_METRIC_NEEDS_CLASSIFICATION,
+    GATE_ONE_BOUND,
+)
 
 IMMUTABLE = (MODEL_IMMUTABLE, DATASET_IMMUTABLE, METHOD_IMMUTABLE)
 TRANSITION_RULES = (*IMMUTABLE, RESOURCES_WHILE_SUSPENDED)
@@ -128,6 +140,7 @@ BASE_MANIFEST: dict[str, Any] = {
     },
 }
 EVAL_FILE = "s3://datasets/demo/eval.jsonl"
+ADAPTER = "s3://checkpoints/earlier-job/model/"
 
 # Edits used by several cases (paths are under spec).
 SUSPENDED = {"runPolicy.suspend": True}
@@ -469,6 +482,178 @@ CASES = [
         NONE,
         id="offload-none-zero-0",
     ),
+    # spec.model.adapter continues a LoRA adapter: only with lora or qlora.
+    case(ADAPTER_NEEDS_LORA, "adapter with lora", job({"model.adapter": ADAPTER}), NONE, id="adapter-lora"),
+    case(
+        ADAPTER_NEEDS_LORA,
+        "adapter with qlora",
+        job({"model.adapter": ADAPTER, "method.type": "qlora", "resources.gpusPerNode": 1}),
+        NONE,
+        id="adapter-qlora",
+    ),
+    case(
+        ADAPTER_NEEDS_LORA,
+        "adapter with full",
+        job({"model.adapter": ADAPTER, "method.type": "full"}),
+        {ADAPTER_NEEDS_LORA},
+        id="adapter-full",
+    ),
+    case(
+        ADAPTER_NEEDS_LORA,
+        "adapter with freeze",
+        job({"model.adapter": ADAPTER, "method.type": "freeze"}),
+        {ADAPTER_NEEDS_LORA},
+        id="adapter-freeze",
+    ),
+    case(
+        ADAPTER_NEEDS_LORA, "no adapter with full", job({"method.type": "full"}), NONE, id="no-adapter-full"
+    ),
+    # spec.evaluation.generation needs chat or instruction data and evaluation data.
+    case(
+        GENERATION_NEEDS_EVAL_AND_REPLIES,
+        "generation on chat data with evalSplit",
+        job({"evaluation.generation": {}, "dataset.evalSplit": 0.1}),
+        NONE,
+        id="generation-chat-eval-split",
+    ),
+    case(
+        GENERATION_NEEDS_EVAL_AND_REPLIES,
+        "generation on instruction data with an eval file",
+        job(
+            {
+                "evaluation.generation": {"match": "exact"},
+                "dataset.format": "instruction",
+                "dataset.eval": EVAL_FILE,
+            }
+        ),
+        NONE,
+        id="generation-instruction-eval-file",
+    ),
+    case(
+        GENERATION_NEEDS_EVAL_AND_REPLIES,
+        "generation without evaluation data",
+        job({"evaluation.generation": {}}),
+        {GENERATION_NEEDS_EVAL_AND_REPLIES},
+        id="generation-no-eval",
+    ),
+    case(
+        GENERATION_NEEDS_EVAL_AND_REPLIES,
+        "generation on completion data (no reference reply)",
+        job({"evaluation.generation": {}, "dataset.format": "completion", "dataset.evalSplit": 0.1}),
+        {GENERATION_NEEDS_EVAL_AND_REPLIES},
+        id="generation-completion",
+    ),
+    case(
+        GENERATION_NEEDS_EVAL_AND_REPLIES,
+        "generation on classification data",
+        job({"evaluation.generation": {}, "dataset.format": "classification", "dataset.eval": EVAL_FILE}),
+        {GENERATION_NEEDS_EVAL_AND_REPLIES},
+        id="generation-classification",
+    ),
+    # spec.evaluation.gate: exactly one bound, and a metric the job produces.
+    case(
+        GATE_RULES,
+        "trainLoss max without evaluation data",
+        job({"evaluation.gate": {"metric": "trainLoss", "max": 1.5}}),
+        NONE,
+        id="gate-train-loss-no-eval",
+    ),
+    case(
+        GATE_RULES,
+        "evalLoss max with evalSplit",
+        job({"evaluation.gate": {"metric": "evalLoss", "max": 2.0}, "dataset.evalSplit": 0.1}),
+        NONE,
+        id="gate-eval-loss-eval-split",
+    ),
+    case(
+        GATE_ONE_BOUND,
+        "a bound of zero is a bound",
+        job({"evaluation.gate": {"metric": "trainLoss", "min": 0}}),
+        NONE,
+        id="gate-min-zero",
+    ),
+    case(
+        GATE_ONE_BOUND,
+        "neither min nor max",
+        job({"evaluation.gate": {"metric": "trainLoss"}}),
+        {GATE_ONE_BOUND},
+        id="gate-no-bound",
+    ),
+    case(
+        GATE_ONE_BOUND,
+        "both min and max",
+        job({"evaluation.gate": {"metric": "trainLoss", "min": 0.1, "max": 2.0}}),
+        {GATE_ONE_BOUND},
+        id="gate-both-bounds",
+    ),
+    case(
+        GATE_METRIC_NEEDS_EVAL,
+        "perplexity without evaluation data",
+        job({"evaluation.gate": {"metric": "perplexity", "max": 10}}),
+        {GATE_METRIC_NEEDS_EVAL},
+        id="gate-perplexity-no-eval",
+    ),
+    case(
+        GATE_METRIC_NEEDS_EVAL,
+        "tokenAccuracy with an eval file",
+        job({"evaluation.gate": {"metric": "tokenAccuracy", "min": 0.5}, "dataset.eval": EVAL_FILE}),
+        NONE,
+        id="gate-token-accuracy-eval-file",
+    ),
+    case(
+        GATE_RULES,
+        "answerAccuracy with generation",
+        job(
+            {
+                "evaluation.gate": {"metric": "answerAccuracy", "min": 0.8},
+                "evaluation.generation": {},
+                "dataset.evalSplit": 0.1,
+            }
+        ),
+        NONE,
+        id="gate-answer-accuracy-generation",
+    ),
+    case(
+        GATE_ANSWER_ACCURACY_NEEDS_GENERATION,
+        "answerAccuracy without generation",
+        job({"evaluation.gate": {"metric": "answerAccuracy", "min": 0.8}, "dataset.evalSplit": 0.1}),
+        {GATE_ANSWER_ACCURACY_NEEDS_GENERATION},
+        id="gate-answer-accuracy-no-generation",
+    ),
+    case(
+        (GATE_ANSWER_ACCURACY_NEEDS_GENERATION, GATE_METRIC_NEEDS_EVAL),
+        "answerAccuracy without generation or evaluation data",
+        job({"evaluation.gate": {"metric": "answerAccuracy", "min": 0.8}}),
+        {GATE_ANSWER_ACCURACY_NEEDS_GENERATION, GATE_METRIC_NEEDS_EVAL},
+        id="gate-answer-accuracy-nothing",
+    ),
+    case(
+        GATE_RULES,
+        "f1 on classification data",
+        job(
+            {
+                "evaluation.gate": {"metric": "f1", "min": 0.7},
+                "dataset.format": "classification",
+                "dataset.evalSplit": 0.1,
+            }
+        ),
+        NONE,
+        id="gate-f1-classification",
+    ),
+    case(
+        GATE_CLASSIFICATION_METRIC_NEEDS_CLASSIFICATION,
+        "accuracy on chat data",
+        job({"evaluation.gate": {"metric": "accuracy", "min": 0.7}, "dataset.evalSplit": 0.1}),
+        {GATE_CLASSIFICATION_METRIC_NEEDS_CLASSIFICATION},
+        id="gate-accuracy-chat",
+    ),
+    case(
+        (GATE_ONE_BOUND, GATE_CLASSIFICATION_METRIC_NEEDS_CLASSIFICATION, GATE_METRIC_NEEDS_EVAL),
+        "recall on completion data, no evaluation data, no bound",
+        job({"evaluation.gate": {"metric": "recall"}, "dataset.format": "completion"}),
+        {GATE_ONE_BOUND, GATE_CLASSIFICATION_METRIC_NEEDS_CLASSIFICATION, GATE_METRIC_NEEDS_EVAL},
+        id="gate-recall-everything-wrong",
+    ),
     # Updates (old, new). spec.model, spec.dataset and spec.method are immutable.
     case(
         TRANSITION_RULES,
@@ -490,6 +675,20 @@ CASES = [
         (job(), job({"model.trustRemoteCode": True})),
         {MODEL_IMMUTABLE},
         id="update-model-trust-remote-code",
+    ),
+    case(
+        MODEL_IMMUTABLE,
+        "model adapter added",
+        (job(), job({"model.adapter": ADAPTER})),
+        {MODEL_IMMUTABLE},
+        id="update-model-adapter",
+    ),
+    case(
+        TRANSITION_RULES,
+        "evaluation gate added to a running job",
+        (job(), job({"evaluation.gate": {"metric": "trainLoss", "max": 1.0}})),
+        NONE,
+        id="update-evaluation-gate",
     ),
     case(
         MODEL_IMMUTABLE,
@@ -632,6 +831,7 @@ CASES = [
 
 S3_URI_FIELDS = {  # field -> the URI with a given bucket (and key)
     "model.uri": "s3://{bucket}/{key}llama/",
+    "model.adapter": "s3://{bucket}/{key}adapter/",
     "dataset.train": "s3://{bucket}/{key}train.jsonl",
     "dataset.eval": "s3://{bucket}/{key}eval.jsonl",
     "output.uri": "s3://{bucket}/{key}out/",
@@ -852,6 +1052,20 @@ def test_case_ids_are_unique() -> None:
         pytest.param((job(), job({"resources.nodes": 2})), ("spec", "resources"), id="resources"),
         pytest.param(
             (job(), job({"model.uri": "s3://models/x/"})), ("spec", "model"), id="model-no-field-path"
+        ),
+        pytest.param(
+            job({"model.adapter": ADAPTER, "method.type": "full"}), ("spec", "model", "adapter"), id="adapter"
+        ),
+        pytest.param(
+            job({"evaluation.generation": {}}), ("spec", "evaluation", "generation"), id="generation"
+        ),
+        pytest.param(
+            job({"evaluation.gate": {"metric": "evalLoss", "max": 1}}),
+            ("spec", "evaluation", "gate", "metric"),
+            id="gate-metric",
+        ),
+        pytest.param(
+            job({"evaluation.gate": {"metric": "trainLoss"}}), ("spec", "evaluation", "gate"), id="gate-bound"
         ),
         pytest.param(job(name="Demo"), (), id="name-at-root"),
     ],

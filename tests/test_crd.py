@@ -73,8 +73,14 @@ def test_names_scope_and_subresources(crd: dict[str, Any]) -> None:
         "Progress": ".status.progress.percent",
         "Step": ".status.progress.step",
         "Eval-Loss": ".status.metrics.evalLoss",
+        "Base-Eval-Loss": ".status.baseMetrics.evalLoss",
+        "Answer-Acc": ".status.metrics.answerAccuracy",
+        "Base-Answer-Acc": ".status.baseMetrics.answerAccuracy",
         "Age": ".metadata.creationTimestamp",
     }
+    # The base model's columns only with `kubectl get -o wide`: the default view stays five columns.
+    wide = {c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) > 0}
+    assert wide == {"Base-Eval-Loss", "Answer-Acc", "Base-Answer-Acc"}
 
 
 def test_every_spec_and_status_field_is_described(root_schema: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from finetune_operator.local.run import (
     supervise,
     without_torchrun,
 )
-from finetune_trainer import worker_env
+from finetune_trainer import deepspeed_config, worker_env
 from finetune_trainer.config import FolderStorageConfig, S3StorageConfig
 from finetune_trainer.launch import torchrun_argv
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
@@ -140,7 +140,10 @@ def test_run_refuses_an_invalid_manifest_with_the_validation_errors(tmp_path: Pa
         pytest.param({"nodes": 1, "gpusPerNode": 1}, "qlora", 0, "qlora needs GPUs", id="qlora-on-cpu"),
     ],
 )
-def test_local_plan(resources: dict[str, int], method: str, gpus_here: int, expected: Any) -> None:
+def test_local_plan(
+    resources: dict[str, int], method: str, gpus_here: int, expected: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deepspeed_config, "cpu_has_fast_bf16", lambda: False)
     job = parse_finetune_job(minimal_manifest(resources=resources, method={"type": method}))
     if isinstance(expected, str):
         with pytest.raises(LocalRunError, match=expected):
@@ -151,6 +154,28 @@ def test_local_plan(resources: dict[str, int], method: str, gpus_here: int, expe
     assert plan.config.storage == FolderStorageConfig(kind="folder", root=str(Path("store").resolve()))
     assert plan.config.reporting.progress_port == 1234
     assert bool(plan.notes) is (gpus_here == 0)  # says it runs on CPU, in fp32
+
+
+@pytest.mark.parametrize(
+    ("fast", "asked", "expected", "note"),
+    [
+        pytest.param(True, "bf16", "bf16", "precision bf16 on CPU: it multiplies", id="bf16-fast"),
+        pytest.param(False, "bf16", "fp32", "precision bf16 -> fp32: this CPU has no", id="bf16-slow"),
+        pytest.param(True, "fp16", "bf16", "precision fp16 -> bf16: fp16 is slow on CPUs", id="fp16-fast"),
+        pytest.param(False, "fp16", "fp32", "precision fp16 -> fp32: this CPU has no", id="fp16-slow"),
+        pytest.param(True, "fp32", "fp32", None, id="fp32"),
+    ],
+)
+def test_cpu_precision_follows_the_cpu(
+    fast: bool, asked: str, expected: str, note: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deepspeed_config, "cpu_has_fast_bf16", lambda: fast)
+    resources = {"nodes": 1, "gpusPerNode": 0}
+    manifest = minimal_manifest(resources=resources, hyperparameters={"precision": asked})
+    plan = plan_local_run(parse_finetune_job(manifest), 0, None, 1234)
+    assert plan.config.hyperparameters.precision == expected
+    said = [n for n in plan.notes if n.startswith("precision")]
+    assert len(said) == (note is not None) and all(n.startswith(note or "") for n in said), plan.notes
 
 
 def test_without_a_store_folder_the_specs_own_s3_is_used() -> None:
@@ -179,6 +204,78 @@ def test_progress_line() -> None:
         {"step": 12, "totalSteps": 48, "trainLoss": 2.3456, "tokensPerSecond": 3400.4, "etaSeconds": 95}
     )
     assert line == "step 12/48 [######..................] loss 2.3456 tok/s 3,400 ETA 1:35"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        pytest.param(
+            {
+                "evalMetrics": {"evalLoss": 1.1, "answerAccuracy": 0.625},
+                "baseMetrics": {"answerAccuracy": 0.05},
+            },
+            "loss 2.3456 answer acc 0.050 -> 0.625 tok/s",
+            id="base-and-now",
+        ),
+        pytest.param(
+            {"evalMetrics": {"answerAccuracy": 0.625}}, "loss 2.3456 answer acc 0.625 tok/s", id="now"
+        ),
+        pytest.param({"evalMetrics": {"answerAccuracy": "high"}}, "loss 2.3456 tok/s", id="not-a-number"),
+        pytest.param({"baseMetrics": {"answerAccuracy": 0.05}}, "loss 2.3456 tok/s", id="base-only"),
+    ],
+)
+def test_progress_line_shows_answer_accuracy_when_reported(metrics: dict[str, Any], expected: str) -> None:
+    document = {"step": 12, "totalSteps": 48, "trainLoss": 2.3456, "tokensPerSecond": 3400.4, **metrics}
+    assert expected in progress_line(document)
+
+
+BASE_METRICS = {"evalLoss": 2.75, "answerAccuracy": 0.05}
+TRAINING = {
+    "state": "training",
+    "step": 40,
+    "totalSteps": 40,
+    "trainLoss": 0.9,
+    "evalMetrics": {"evalLoss": 1.1, "answerAccuracy": 0.625},
+    "baseMetrics": BASE_METRICS,
+}
+
+
+def test_the_status_block_shows_the_base_metrics_beside_the_final_ones() -> None:
+    job = parse_finetune_job(minimal_manifest(name="qa"))
+    summary = {
+        "outcome": "succeeded",
+        "outputModel": "s3://out/qa/model/",
+        "metrics": {"answerAccuracy": 0.75},
+    }
+    outcome = AttemptOutcome(0, json.dumps(summary), TRAINING)
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    _, status = supervise(job, lambda: outcome, io.StringIO(), clock=lambda: now)
+    assert status["phase"] == "Succeeded" and status["outputModel"] == "s3://out/qa/model/"
+    assert status["baseMetrics"] == BASE_METRICS
+    assert status["metrics"] == {"evalLoss": 1.1, "answerAccuracy": 0.75, "trainLoss": 0.9}
+
+
+def test_a_run_the_eval_gate_rejected_fails_without_an_output_model() -> None:
+    job = parse_finetune_job(minimal_manifest(name="qa"))
+    summary = {
+        "outcome": "failed",
+        "retryable": False,
+        "reason": "EvalGateNotMet",
+        "error": "eval gate not met: answerAccuracy 0.625 < 0.8 (spec.evaluation.gate.min)",
+        "metrics": {"answerAccuracy": 0.625},
+        "outputModel": "s3://out/qa/rejected/",
+    }
+    outcome = AttemptOutcome(NON_RETRYABLE_EXIT_CODE, json.dumps(summary), TRAINING)
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    out = io.StringIO()
+    _, status = supervise(job, lambda: outcome, out, clock=lambda: now)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (status["phase"], failed["reason"], status.get("restarts", 0)) == ("Failed", "EvalGateNotMet", 0)
+    assert "answerAccuracy 0.625 < 0.8" in failed["message"]
+    assert "the rejected model is at s3://out/qa/rejected/" in status["message"]
+    assert "outputModel" not in status
+    assert status["baseMetrics"] == BASE_METRICS and status["metrics"]["answerAccuracy"] == 0.625
+    assert "restarting" not in out.getvalue()
 
 
 def test_the_pods_and_the_local_ranks_get_the_same_worker_environment(tmp_path: Path) -> None:

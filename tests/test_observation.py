@@ -9,6 +9,7 @@ import pytest
 from finetune_operator import API_VERSION, KIND
 from finetune_operator.controller.observation import (
     INVALID,
+    MAX_EVAL_METRICS,
     MAX_POD_TEXT_CHARS,
     observe_pod,
     owned_by,
@@ -91,6 +92,20 @@ def test_progress_document_becomes_status() -> None:
     }
     assert reported["metrics"] == {"evalLoss": 0.5, "f1": 0.75, "trainLoss": 0.1235}
     assert [c["step"] for c in reported["checkpoints"]] == list(range(3, 13))  # the newest ten
+    assert "baseMetrics" not in reported  # none reported: none written
+
+
+def test_base_metrics_become_status_beside_the_latest() -> None:
+    document = {
+        "step": 20,
+        "totalSteps": 40,
+        "evalMetrics": {"evalLoss": 1.1, "answerAccuracy": 0.6},
+        "baseMetrics": {"evalLoss": 2.7500049, "perplexity": 15.64263, "answerAccuracy": 0.05},
+    }
+    reported = progress_status(document).to_api()
+    assert reported["baseMetrics"] == {"evalLoss": 2.75, "perplexity": 15.6426, "answerAccuracy": 0.05}
+    assert reported["metrics"] == {"evalLoss": 1.1, "answerAccuracy": 0.6}
+    assert parse_progress(document).dropped == ()
 
 
 # Documents as the poller reads them: json.loads accepts NaN, Infinity and -Infinity, which the
@@ -225,6 +240,23 @@ def test_progress_document_with_non_finite_numbers_keeps_the_rest(
         pytest.param({"evalMetrics": {"x" * 10_000: 1.0}}, ("evalMetrics",), id="huge-metric-name"),
         pytest.param({"evalMetrics": {"a\nb": 1.0}}, ("evalMetrics",), id="control-char-metric-name"),
         pytest.param({"tokensPerSecond": 1e300}, ("tokensPerSecond",), id="absurd-throughput"),
+        pytest.param({"baseMetrics": 0.5}, ("baseMetrics",), id="base-metrics-not-a-map"),
+        pytest.param(
+            {"baseMetrics": {"evalLoss": float("inf"), "answerAccuracy": "high"}},
+            ("baseMetrics",),
+            id="base-metrics-not-finite-numbers",
+        ),
+        pytest.param(
+            {"baseMetrics": {f"m{i}": 1.0 for i in range(MAX_EVAL_METRICS + 1)}},
+            ("baseMetrics",),
+            id="too-many-base-metrics",
+        ),
+        pytest.param({"baseMetrics": {"": 1.0}}, ("baseMetrics",), id="empty-base-metric-name"),
+        pytest.param(
+            {"evalMetrics": [1], "baseMetrics": {"a\tb": 1.0}},
+            ("evalMetrics", "baseMetrics"),
+            id="eval-and-base-metrics-each-named",
+        ),
         pytest.param(
             {"checkpoints": [{"step": 1, "uri": "s3://o/" + "x" * 5000}]}, ("checkpoints",), id="huge-uri"
         ),

@@ -15,6 +15,7 @@ from finetune_operator.api.timestamps import format_time
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.controller.observation import PodObservation
 from finetune_operator.controller.state import (
+    EVAL_GATE_NOT_MET,
     Decision,
     JobObservation,
     decide,
@@ -92,6 +93,18 @@ NAN_TRAIN_LOSS_MESSAGE = (
     ' "metrics": {"trainLoss": null, "evalLoss": 1.5},'
     ' "notes": ["trainLoss omitted: nan is not a finite number"]}'
 )
+
+
+# A 78 exit of worker 0 whose final answerAccuracy missed spec.evaluation.gate: the model went to rejected/.
+GATE_NOT_MET = {
+    "error": "eval gate not met: answerAccuracy 0.42 < 0.8 (spec.evaluation.gate.min)",
+    "because": EVAL_GATE_NOT_MET,
+    "retryable": False,
+    "metrics": {"trainLoss": 0.9, "evalLoss": 1.1, "answerAccuracy": 0.42},
+    "output_model": "s3://out/job/rejected/",
+    "step": 40,
+}
+BASE_METRICS = {"evalLoss": 2.75, "perplexity": 15.6426, "answerAccuracy": 0.05}
 
 
 def running_status(**extra: Any) -> dict[str, Any]:
@@ -414,6 +427,80 @@ CASES = [
         },
     ),
     (
+        "eval-gate-not-met-fails-with-the-trainers-reason-and-message-and-no-output-model",
+        job(running_status(baseMetrics=BASE_METRICS)),
+        [
+            pod(0, **failed(NON_RETRYABLE_EXIT_CODE, **GATE_NOT_MET)),
+            pod(1, **succeeded()),
+        ],
+        {
+            "phase": "Failed",
+            "restarts": 0,
+            "events": ["EvalGateNotMet"],
+            "warning": True,
+            "message": "worker 0 (pod job-worker-0): eval gate not met: answerAccuracy 0.42 < 0.8 "
+            "(spec.evaluation.gate.min); the rejected model is at s3://out/job/rejected/",
+            "conditions": {"Failed": ("EvalGateNotMet", "answerAccuracy 0.42 < 0.8")},
+            "no_conditions": ["EvalGateNotMet", "Succeeded"],
+            "output_model": None,
+            "metrics": {"trainLoss": 0.9, "evalLoss": 1.1, "answerAccuracy": 0.42},
+            "base_metrics": BASE_METRICS,
+            "delete": [],
+            "completion": True,
+        },
+    ),
+    (
+        "eval-gate-not-met-stops-the-workers-still-running",
+        job(running_status(metrics={"trainLoss": 1.2, "evalLoss": 1.3})),
+        [pod(0, **failed(NON_RETRYABLE_EXIT_CODE, **GATE_NOT_MET)), pod(1, **RUNNING)],
+        {
+            "phase": "Failed",
+            "condition": ("Failed", "EvalGateNotMet"),
+            "delete": ["job-worker-1"],
+            "metrics": {"trainLoss": 0.9, "evalLoss": 1.1, "answerAccuracy": 0.42},
+        },
+    ),
+    (
+        "eval-gate-not-met-never-names-model-as-the-output",
+        job(running_status()),
+        [
+            pod(
+                0,
+                **failed(NON_RETRYABLE_EXIT_CODE, **{**GATE_NOT_MET, "output_model": "s3://out/job/model/"}),
+            ),
+            pod(1, **succeeded(output_model="s3://out/job/model/")),
+        ],
+        {"phase": "Failed", "condition": ("Failed", "EvalGateNotMet"), "output_model": None},
+    ),
+    (
+        "eval-gate-not-met-without-a-summary-location-says-only-the-trainers-words",
+        job(running_status()),
+        [
+            pod(0, **failed(NON_RETRYABLE_EXIT_CODE, **{**GATE_NOT_MET, "output_model": ""})),
+            pod(1, **succeeded()),
+        ],
+        {"phase": "Failed", "condition": ("Failed", "EvalGateNotMet"), "output_model": None},
+    ),
+    (
+        "succeeded-keeps-the-base-metrics-beside-the-final-ones",
+        job(running_status(baseMetrics=BASE_METRICS, metrics={"trainLoss": 1.0})),
+        [
+            pod(
+                0,
+                **succeeded(
+                    output_model="s3://out/job/model/", metrics={"evalLoss": 1.1, "answerAccuracy": 0.9}
+                ),
+            ),
+            pod(1, **succeeded()),
+        ],
+        {
+            "phase": "Succeeded",
+            "output_model": "s3://out/job/model/",
+            "metrics": {"trainLoss": 1.0, "evalLoss": 1.1, "answerAccuracy": 0.9},
+            "base_metrics": BASE_METRICS,
+        },
+    ),
+    (
         "deadline-exceeded",
         job(running_status(startTime=ts(NOW - timedelta(hours=2))), activeDeadlineSeconds=3600),
         [pod(0, **READY), pod(1, **RUNNING)],
@@ -488,6 +575,7 @@ def test_lifecycle(observed: JobObservation, pods: list[PodObservation], expect:
         "workers": lambda: status["workers"],
         "output_model": lambda: status.get("outputModel"),
         "metrics": lambda: status.get("metrics"),
+        "base_metrics": lambda: status.get("baseMetrics"),
     }
     for key, actual in checks.items():
         if key in expect:
@@ -555,6 +643,34 @@ def test_running_job_takes_its_progress_from_rank_zero() -> None:
     decision = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW)
     assert decision.status.progress.percent == 50 and decision.status.metrics == {"trainLoss": 2.0}
     assert decision.events == []
+
+
+def test_base_metrics_from_rank_zero_are_kept_beside_the_latest() -> None:
+    """The base model's metrics (step 0) go to status.baseMetrics; a later document without them (a
+    resumed attempt) keeps them, and so does the final status of a finished job."""
+    document = {
+        "step": 0,
+        "totalSteps": 40,
+        "evalMetrics": BASE_METRICS,
+        "baseMetrics": BASE_METRICS,
+    }
+    pods = [pod(0, **READY), pod(1, **RUNNING)]
+    first = decide(replace(job(running_status()), progress=document), pods, NOW)
+    assert first.status.base_metrics == BASE_METRICS and first.status.metrics == BASE_METRICS
+    later = {"step": 30, "totalSteps": 40, "evalMetrics": {"evalLoss": 1.2}}
+    second = decide(replace(job(first.status.to_api()), progress=later), pods, NOW)
+    assert second.status.base_metrics == BASE_METRICS
+    assert second.status.metrics == {**BASE_METRICS, "evalLoss": 1.2}
+    finished = [pod(0, **succeeded(metrics={"evalLoss": 1.1})), pod(1, **succeeded())]
+    final = decide(job(second.status.to_api()), finished, NOW).status.to_api()
+    assert final["phase"] == "Succeeded" and final["baseMetrics"] == BASE_METRICS
+    assert final["metrics"]["evalLoss"] == 1.1
+
+
+def test_a_status_without_base_metrics_does_not_gain_an_empty_map() -> None:
+    observed = replace(job(running_status()), progress={"step": 3, "totalSteps": 6, "trainLoss": 2.0})
+    status = decide(observed, [pod(0, **READY), pod(1, **RUNNING)], NOW).status.to_api()
+    assert "baseMetrics" not in status
 
 
 @pytest.mark.parametrize(

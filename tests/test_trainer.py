@@ -5,17 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from finetune_trainer.launch import descendants
-from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, parse_termination_message
+from finetune_trainer.summary import (
+    EVAL_GATE_NOT_MET,
+    NON_RETRYABLE_EXIT_CODE,
+    STOPPED_EXIT_CODE,
+    parse_termination_message,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -325,3 +332,233 @@ def test_what_no_restart_can_fix_exits_with_the_reserved_code_and_says_why(
     assert run.code == NON_RETRYABLE_EXIT_CODE, run.log[-3000:]
     assert run.summary is not None and run.summary.retryable is False
     assert message in run.summary.error
+
+
+# --- the eval gate, continuing an adapter, lineage, the card and the logs ------------------------------
+
+FIRST, SECOND = "out/first/", "out/second/"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    first: Run
+    second: Run
+
+
+@pytest.fixture(scope="module")
+def lineage(store: tuple[S3Server, Path], tmp_path_factory: pytest.TempPathFactory) -> Lineage:
+    """Job "first" trains a LoRA adapter and meets its gate; job "second" continues that adapter under
+    ZeRO-3 at a learning rate too small to move it, and misses its gate. An object planted under
+    second's model/ stands for an earlier attempt's model."""
+    server, _ = store
+    workdir = tmp_path_factory.mktemp("lineage")
+    common: dict[str, Any] = {"dataset": {"evalSplit": 0.25}, "output": {"checkpointEverySteps": 100}}
+    first_config = trainer_config(
+        server.endpoint,
+        "first",
+        **common,
+        evaluation={"everySteps": 3, "gate": {"metric": "evalLoss", "max": 1000}},
+    )
+    first = run_trainer(first_config, workdir / "first", server.endpoint)
+    s3_client(server.endpoint).put_object(
+        Bucket=BUCKET, Key=f"{SECOND}model/adapter_model.safetensors", Body=b"x"
+    )
+    second_config = trainer_config(
+        server.endpoint,
+        "second",
+        **common,
+        model={"adapter": f"s3://{BUCKET}/{FIRST}model/"},
+        deepspeed={"zeroStage": 3},
+        hyperparameters={"learningRate": 1e-9},
+        evaluation={"everySteps": 3, "gate": {"metric": "evalLoss", "max": 0.001}},
+    )
+    second = run_trainer(second_config, workdir / "second", server.endpoint)
+    return Lineage(first, second)
+
+
+def _text(server: S3Server, key: str) -> str:
+    return s3_client(server.endpoint).get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+
+
+def test_a_met_gate_writes_model_and_every_ranks_log(store: tuple[S3Server, Path], lineage: Lineage) -> None:
+    server, _ = store
+    succeeded(lineage.first)
+    assert lineage.first.summary.output_model == f"s3://{BUCKET}/{FIRST}model/"
+    written = keys(server, FIRST)
+    assert (
+        f"{FIRST}model/adapter_config.json" in written
+        and f"{FIRST}model/adapter_model.safetensors" in written
+    )
+    assert not any(k.startswith(f"{FIRST}rejected/") for k in written)
+    adapter_config = get_json(server, f"{FIRST}model/adapter_config.json")
+    assert adapter_config["base_model_name_or_path"] == f"s3://{BUCKET}/models/tiny/"  # not the deleted copy
+    card = _text(server, f"{FIRST}README.md")
+    assert "| Evaluation gate | evalLoss <= 1000: met |" in card and "Rejected" not in card
+    assert _text(server, f"{FIRST}model/README.md") == card  # the model folder carries its card
+    for rank in (0, 1):
+        log = _text(server, f"{FIRST}logs/rank-{rank}.log")
+        assert f" rank {rank} INFO " in log and f" rank {1 - rank} " not in log
+    assert "step 6/6" in _text(server, f"{FIRST}logs/rank-0.log")
+
+
+def test_a_missed_gate_writes_rejected_not_model_and_fails_non_retryable(
+    store: tuple[S3Server, Path], lineage: Lineage
+) -> None:
+    server, _ = store
+    run = lineage.second
+    assert run.code == NON_RETRYABLE_EXIT_CODE, run.log[-4000:]
+    assert run.summary is not None and run.summary.outcome == "failed" and run.summary.retryable is False
+    assert run.summary.reason == EVAL_GATE_NOT_MET and not run.summary.collateral
+    value = get_json(server, f"{SECOND}metrics.json")["final"]["evalLoss"]
+    assert run.summary.error == (
+        f"evaluation gate not met: evalLoss {value:.4g}, needs <= 0.001 "
+        f"(model written to s3://{BUCKET}/{SECOND}rejected/)"
+    )
+    written = keys(server, SECOND)
+    assert f"{SECOND}rejected/adapter_model.safetensors" in written
+    assert not any(k.startswith(f"{SECOND}model/") for k in written)  # the earlier attempt's model is gone
+    assert {f"{SECOND}{name}" for name in ("metrics.json", "config.json", "README.md", "loss.png")} <= set(
+        written
+    )
+    assert {f"{SECOND}logs/rank-0.log", f"{SECOND}logs/rank-1.log"} <= set(written)
+    card = _text(server, f"{SECOND}README.md")
+    assert f"**Rejected: evaluation gate not met: evalLoss {value:.4g}, needs <= 0.001.**" in card
+    assert "| Evaluation gate | evalLoss <= 0.001: not met |" in card
+
+
+def test_a_continued_adapter_starts_from_the_earlier_weights_and_names_them(
+    store: tuple[S3Server, Path], lineage: Lineage, tmp_path: Path
+) -> None:
+    server, _ = store
+    assert lineage.second.summary is not None and lineage.second.summary.reason == EVAL_GATE_NOT_MET
+    earlier = load_file(download(server, f"{FIRST}model/", tmp_path / "first") / "adapter_model.safetensors")
+    later = load_file(
+        download(server, f"{SECOND}rejected/", tmp_path / "second") / "adapter_model.safetensors"
+    )
+    assert earlier.keys() == later.keys()
+    assert any(t.abs().max() > 1e-3 for k, t in earlier.items() if "lora_B" in k)  # a fresh lora_B is zero
+    assert all(torch.allclose(earlier[k], later[k], atol=1e-5) for k in earlier)  # lr 1e-9 moved nothing
+    first_loss = get_json(server, f"{FIRST}metrics.json")["final"]["evalLoss"]
+    second_loss = get_json(server, f"{SECOND}metrics.json")["final"]["evalLoss"]
+    assert second_loss == pytest.approx(first_loss, abs=1e-4)  # the same evaluation set, the same weights
+    assert get_json(server, f"{SECOND}config.json")["model"]["adapter"] == f"s3://{BUCKET}/{FIRST}model/"
+    assert f"| Continued from | s3://{BUCKET}/{FIRST}model/ |" in _text(server, f"{SECOND}README.md")
+
+
+def test_the_cards_loading_code_runs_as_written(
+    store: tuple[S3Server, Path], lineage: Lineage, tmp_path: Path
+) -> None:
+    server, _ = store
+    succeeded(lineage.first)
+    card = _text(server, f"{FIRST}README.md")
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    copies: dict[str, str] = {}
+
+    def local_copy(match: re.Match[str]) -> str:
+        uri = match[1]
+        if uri not in copies:
+            copies[uri] = str(
+                download(server, uri.removeprefix(f"s3://{BUCKET}/"), tmp_path / f"copy-{len(copies)}")
+            )
+        return copies[uri]
+
+    runnable = re.sub(r"<local copy of (s3://[^>]+)>", local_copy, code)
+    assert copies.keys() == {f"s3://{BUCKET}/{FIRST}model/", f"s3://{BUCKET}/models/tiny/"}
+    namespace: dict[str, Any] = {}
+    exec(runnable, namespace)  # the card's own code, as a reader would paste it
+    assert isinstance(namespace["model"], PeftModel)
+    assert isinstance(generate(namespace["model"], namespace["tokenizer"]), str)
+
+
+def test_an_adapter_with_other_settings_is_refused_before_training(
+    store: tuple[S3Server, Path], lineage: Lineage, tmp_path: Path
+) -> None:
+    server, _ = store
+    succeeded(lineage.first)
+    config = trainer_config(
+        server.endpoint,
+        "mismatch",
+        model={"adapter": f"s3://{BUCKET}/{FIRST}model/"},
+        method={"type": "lora", "lora": {"r": 8}},
+    )
+    run = run_trainer(config, tmp_path, server.endpoint)
+    assert run.code == NON_RETRYABLE_EXIT_CODE, run.log[-3000:]
+    assert run.summary is not None and run.summary.retryable is False
+    assert run.summary.error.startswith(
+        f"model.adapter s3://{BUCKET}/{FIRST}model/ was trained with r 16 (method.lora.r 8); "
+    ), run.summary.error
+    assert "step 1/" not in run.log and not keys(server, "out/mismatch/model/")
+    # The rank whose report ended the run put its log up first, its error included.
+    assert run.summary.error in _text(server, f"out/mismatch/logs/rank-{run.summary.rank}.log")
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_bf16_on_cpu_trains_checkpoints_resumes_and_reloads(
+    store: tuple[S3Server, Path], tmp_path: Path, zero_stage: int
+) -> None:
+    """bf16 on 2 gloo ranks (what `finetune run` keeps on a CPU with fast bf16): the loss falls, a
+    checkpoint saved in bf16 resumes, and the adapter reloads and generates."""
+    server, base_model = store
+    name = f"bf16-zero{zero_stage}"
+    output = f"out/{name}/"
+    config = trainer_config(
+        server.endpoint,
+        name,
+        dataset={"evalSplit": 0.25},
+        deepspeed={"zeroStage": zero_stage},
+        hyperparameters={"maxSteps": 8, "precision": "bf16", "warmupRatio": 0.0},
+        evaluation={"everySteps": 4},
+        output={"checkpointEverySteps": 3, "keepCheckpoints": 2},
+    )
+    assert config.distributed.uses_gpus is False
+    first = run_trainer(config, tmp_path / "first", server.endpoint, processes=2)
+    succeeded(first)
+    history = get_json(server, f"{output}metrics.json")["history"]
+    losses = [e["trainLoss"] for e in history if "trainLoss" in e]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses  # it learns
+    evals = [e["evalLoss"] for e in history if "evalLoss" in e]
+    assert evals[-1] < evals[0], evals
+
+    second = config.model_copy(
+        update={"hyperparameters": config.hyperparameters.model_copy(update={"max_steps": 10})}
+    )
+    resumed = run_trainer(second, tmp_path / "second", server.endpoint, processes=2)
+    succeeded(resumed)
+    assert f"resumed from s3://{BUCKET}/{output}checkpoints/step-6/" in resumed.log
+    assert "step 7/10" in resumed.log and "step 1/" not in resumed.log
+    history = get_json(server, f"{output}metrics.json")["history"]
+    trained = [e for e in history if "trainLoss" in e]
+    assert [e["step"] for e in trained][-4:] == [7, 8, 9, 10] and trained[-1]["trainLoss"] < losses[0]
+
+    adapter_dir = download(server, f"{output}model/", tmp_path / "adapter")
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    assert tensors and all(t.numel() > 0 and torch.isfinite(t.float()).all() for t in tensors.values())
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)  # it trained
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), adapter_dir)
+    assert isinstance(generate(model, tokenizer), str)
+
+
+def test_bf16_on_cpu_reports_what_fp32_reports(store: tuple[S3Server, Path], tmp_path: Path) -> None:
+    """The same run in bf16 and fp32 (ZeRO-2, 2 ranks): DeepSpeed's fp32 master weights and unscaled
+    bf16 loss keep the curves and the evaluation within a few hundredths."""
+    server, _ = store
+    finals = {}
+    for precision in ("bf16", "fp32"):
+        name = f"compare-{precision}"
+        config = trainer_config(
+            server.endpoint,
+            name,
+            dataset={"evalSplit": 0.25},
+            hyperparameters={"maxSteps": 8, "precision": precision, "warmupRatio": 0.0},
+            evaluation={"everySteps": 100},
+            output={"checkpointEverySteps": 100},
+        )
+        run = run_trainer(config, tmp_path / precision, server.endpoint, processes=2)
+        succeeded(run)
+        history = get_json(server, f"out/{name}/metrics.json")["history"]
+        finals[precision] = [e["trainLoss"] for e in history if "trainLoss" in e], run.summary.metrics
+    (bf16_curve, bf16), (fp32_curve, fp32) = finals["bf16"], finals["fp32"]
+    assert len(bf16_curve) == len(fp32_curve) == 8
+    assert max(abs(a - b) for a, b in zip(bf16_curve, fp32_curve, strict=True)) < 0.05, finals
+    assert abs(bf16["evalLoss"] - fp32["evalLoss"]) < 0.03, finals

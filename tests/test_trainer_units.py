@@ -21,9 +21,12 @@ from finetune_trainer.evaluation import classification_metrics
 from finetune_trainer.gang import Gang
 from finetune_trainer.launch import exit_code
 from finetune_trainer.modeling import _quantization, check_model_files, load_model, load_tokenizer
+from finetune_trainer.outputs import gate_failure, model_card
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE, TerminationSummary
 from finetune_trainer.tiny import build_tiny_model
 from finetune_trainer.training_support import lr_multiplier, make_plan
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from tests.manifests import minimal_manifest
 
@@ -285,3 +288,169 @@ def test_corrupt_model_files_are_non_retryable_and_named(
         with pytest.raises(NonRetryableError) as caught:
             load(directory)
         assert str(caught.value).startswith(message), str(caught.value)
+
+
+# --- the eval gate, lineage and the model card ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gate", "metrics", "expected"),
+    [
+        pytest.param({"metric": "tokenAccuracy", "min": 0.8}, {"tokenAccuracy": 0.8}, None, id="min-reached"),
+        pytest.param(
+            {"metric": "tokenAccuracy", "min": 0.8},
+            {"tokenAccuracy": 0.42},
+            "tokenAccuracy 0.42, needs >= 0.8",
+            id="min-missed",
+        ),
+        pytest.param({"metric": "evalLoss", "max": 1.5}, {"evalLoss": 1.5}, None, id="max-reached"),
+        pytest.param(
+            {"metric": "evalLoss", "max": 1.5},
+            {"evalLoss": 2.345678},
+            "evalLoss 2.346, needs <= 1.5",
+            id="max-missed",
+        ),
+        pytest.param(
+            {"metric": "tokenAccuracy", "min": 0.8},
+            {"trainLoss": 1.0, "evalLoss": 2.0},
+            "tokenAccuracy is not among the final metrics (evalLoss, trainLoss), needs >= 0.8",
+            id="metric-missing",
+        ),
+    ],
+)
+def test_the_eval_gate_decides_on_the_final_metrics(
+    gate: dict[str, Any], metrics: dict[str, float], expected: str | None
+) -> None:
+    job = config(dataset={"evalSplit": 0.1}, evaluation={"gate": gate})
+    assert gate_failure(job.evaluation.gate, metrics) == expected
+    assert gate_failure(config().evaluation.gate, metrics) is None  # no gate: nothing to miss
+
+
+def test_the_card_shows_lineage_the_gate_and_the_base_models_metrics() -> None:
+    job = config(
+        model={"uri": "s3://models/base/", "adapter": "s3://out/first/model/"},
+        dataset={"evalSplit": 0.1},
+        method={"type": "lora"},
+        evaluation={"gate": {"metric": "tokenAccuracy", "min": 0.8}},
+    )
+    history = [{"step": 0, "evalLoss": 3.0, "tokenAccuracy": 0.0}, {"step": 6, "trainLoss": 1.0}]
+    metrics = {"evalLoss": 1.25, "tokenAccuracy": 0.125}
+    why = "tokenAccuracy 0.125, needs >= 0.8"
+    rejected = model_card(job, metrics, history, "s3://out/job/rejected/", why)
+    assert "| Base model | s3://models/base/ |" in rejected
+    assert "| Continued from | s3://out/first/model/ |" in rejected
+    assert "| Evaluation gate | tokenAccuracy >= 0.8: not met |" in rejected
+    assert "**Rejected: evaluation gate not met: tokenAccuracy 0.125, needs >= 0.8.**" in rejected
+    assert "- tokenAccuracy: 0.1250 (base model: 0.0000)" in rejected
+    assert "- evalLoss: 1.2500 (base model: 3.0000)" in rejected
+    assert '"<local copy of s3://out/job/rejected/>"' in rejected
+
+    fresh = config(dataset={"evalSplit": 0.1}, evaluation={"gate": {"metric": "tokenAccuracy", "min": 0.1}})
+    accepted = model_card(fresh, metrics, history[1:], "s3://out/job/model/", None)
+    assert "| Evaluation gate | tokenAccuracy >= 0.1: met |" in accepted
+    assert "Continued from" not in accepted and "Rejected" not in accepted
+    assert "- tokenAccuracy: 0.1250\n" in accepted  # no evaluation at step 0: no base value
+
+
+# --- continuing an earlier adapter (model.adapter) ------------------------------------------------------
+
+
+def _saved_adapter(base_dir: Path, directory: Path, base_uri: str | None, **lora: Any) -> Path:
+    """A real adapter as peft writes it, recording ``base_uri`` as its base (None: peft's own choice)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)  # a trained adapter: lora_B is no longer zero
+    if base_uri is not None:
+        model.peft_config["default"].base_model_name_or_path = base_uri
+    model.save_pretrained(directory)
+    return directory
+
+
+ADAPTER_JOB = {
+    "model": {"uri": "s3://models/base/", "adapter": "s3://out/first/model/"},
+    "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
+}
+
+
+def test_an_earlier_adapter_on_the_same_settings_trains_on_from_its_weights(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    adapter = _saved_adapter(
+        tiny_model, tmp_path / "adapter", "s3://models/base", r=4, lora_alpha=8, target_modules="all-linear"
+    )
+    job = config(**ADAPTER_JOB)  # targetModules unset: all-linear, as the adapter resolved it
+    model = load_model(tiny_model, job, adapter)
+    assert isinstance(model, PeftModel)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert model.peft_config["default"].lora_dropout == job.method.lora.dropout  # the job's dropout
+    assert model.peft_config["default"].base_model_name_or_path == "s3://models/base/"
+
+
+@pytest.mark.parametrize(
+    ("lora", "base_uri", "job_lora", "message"),
+    [
+        pytest.param(
+            {"r": 8, "lora_alpha": 8, "target_modules": "all-linear"},
+            None,
+            {},
+            "model.adapter s3://out/first/model/ was trained with r 8 (method.lora.r 4); continuing it needs "
+            "the same settings in method.lora",
+            id="r",
+        ),
+        pytest.param(
+            {"r": 4, "lora_alpha": 16, "target_modules": "all-linear"},
+            None,
+            {},
+            "model.adapter s3://out/first/model/ was trained with alpha 16 (method.lora.alpha 8)",
+            id="alpha",
+        ),
+        pytest.param(
+            {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+            None,
+            {"targetModules": ["q_proj", "v_proj"]},
+            "model.adapter s3://out/first/model/ was trained with target modules [down_proj, gate_proj, "
+            "k_proj, o_proj, q_proj, up_proj, v_proj] (14 modules) (method.lora.targetModules [q_proj, "
+            "v_proj] (4 modules))",
+            id="target-modules",
+        ),
+        pytest.param(
+            {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+            "s3://models/other/",
+            {},
+            "model.adapter s3://out/first/model/ was trained on s3://models/other/ (base_model_name_or_path "
+            "in its adapter_config.json), not on model.uri s3://models/base/",
+            id="another-base",
+        ),
+    ],
+)
+def test_an_earlier_adapter_that_differs_from_the_job_is_refused_naming_both(
+    tiny_model: Path,
+    tmp_path: Path,
+    lora: dict[str, Any],
+    base_uri: str | None,
+    job_lora: dict[str, Any],
+    message: str,
+) -> None:
+    adapter = _saved_adapter(tiny_model, tmp_path / "adapter", base_uri, **lora)
+    job = config(**ADAPTER_JOB | {"method": {"type": "lora", "lora": {"r": 4, "alpha": 8, **job_lora}}})
+    with pytest.raises(NonRetryableError) as caught:
+        load_model(tiny_model, job, adapter)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_a_folder_without_an_adapter_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    not_an_adapter = Path(shutil.copytree(tiny_model, tmp_path / "full"))  # a full model's model/
+    with pytest.raises(NonRetryableError) as caught:
+        load_model(tiny_model, config(**ADAPTER_JOB), not_an_adapter)
+    assert str(caught.value) == (
+        "model.adapter s3://out/first/model/ holds no LoRA adapter (no adapter_config.json)"
+    )

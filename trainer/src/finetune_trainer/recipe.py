@@ -38,7 +38,7 @@ from finetune_trainer.evaluation import LabelSet, evaluate
 from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
 from finetune_trainer.modeling import load_model, load_tokenizer
-from finetune_trainer.outputs import write_outputs
+from finetune_trainer.outputs import LOG_UPLOAD_SECONDS, gate_failure, upload_log, write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer
 from finetune_trainer.storage import (
     AccessDeniedError,
@@ -47,7 +47,7 @@ from finetune_trainer.storage import (
     join_uri,
     parse_s3_uri,
 )
-from finetune_trainer.summary import NON_FINITE_LOSS, finite_metrics
+from finetune_trainer.summary import EVAL_GATE_NOT_MET, NON_FINITE_LOSS, finite_metrics, rank_log_path
 from finetune_trainer.training_support import (
     Plan,
     Ranks,
@@ -96,6 +96,7 @@ class Inputs:
     model_dir: Path
     train_file: Path
     eval_file: Path | None
+    adapter_dir: Path | None = None  # model.adapter's download: the earlier adapter that training continues
 
 
 class FinetuneRecipe:
@@ -151,7 +152,7 @@ class FinetuneRecipe:
         )
         self.plan = make_plan(config, len(self.train_examples), ranks.world_size)
         reseed(self.hp.seed, ranks.rank, 0)
-        model = load_model(inputs.model_dir, config)
+        model = load_model(inputs.model_dir, config, inputs.adapter_dir)
         fault_point("engine")
         self.engine = build_engine(config, model, self.plan, ranks)
         self.checkpointer = Checkpointer(
@@ -178,21 +179,34 @@ class FinetuneRecipe:
         def local_path(uri: str, name: str) -> Path:
             return self.workspace / "inputs" / name / Path(parse_s3_uri(uri)[1]).name
 
+        adapter = self.config.model.adapter
         inputs = Inputs(
             model_dir=self.workspace / "inputs" / "model",
             train_file=local_path(dataset.train, "train"),
             eval_file=local_path(dataset.eval, "eval") if dataset.eval else None,
+            adapter_dir=self.workspace / "inputs" / "adapter" if adapter else None,
         )
 
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             fault_point("fetch")
             self.store.download_prefix(self.config.model.uri, inputs.model_dir)
+            if adapter and inputs.adapter_dir:
+                self._fetch_adapter(adapter, inputs.adapter_dir)
             self.store.download_file(dataset.train, inputs.train_file)
             if dataset.eval and inputs.eval_file:
                 self.store.download_file(dataset.eval, inputs.eval_file)
             self._check_output_writable()
         fault_point("before-rendezvous")
         return inputs
+
+    def _fetch_adapter(self, uri: str, directory: Path) -> None:
+        """The adapter's own files, not its subfolders: ``merged/`` (saveMerged) is a whole model. Also when
+        a checkpoint resumes, whose weights then replace the adapter's (the checks still apply)."""
+        files = [f.relative_path for f in self.store.list_files(uri) if "/" not in f.relative_path]
+        if not files:
+            raise NonRetryableError(f"model.adapter {uri} does not exist (no objects under it)")
+        for name in files:
+            self.store.download_file(join_uri(uri, name), directory / name)
 
     def _check_output_writable(self) -> None:
         """Writes and removes a small object under the output URI, as checkpoints will."""
@@ -408,8 +422,13 @@ class FinetuneRecipe:
         return final | self.last_eval
 
     def save_outputs(self, final_metrics: dict[str, float]) -> str:
-        """Writes the model, its metrics and its card to the output URI; returns the model's URI."""
-        return write_outputs(
+        """Writes the model, its metrics and its card to the output URI; returns the model's URI.
+
+        A model whose final metrics miss evaluation.gate goes to ``rejected/`` and the run fails with
+        reason EvalGateNotMet, non-retryable: a restart would train the same model again. Every rank
+        decides alike, from the same all-reduced metrics."""
+        rejection = gate_failure(self.config.evaluation.gate, final_metrics)
+        model_uri = write_outputs(
             self.config,
             self.store,
             self.engine,
@@ -418,7 +437,22 @@ class FinetuneRecipe:
             self.ranks.rank,
             final_metrics,
             self.state.history,
+            rejection,
         )
+        if rejection is not None:
+            message = f"evaluation gate not met: {rejection} (model written to {model_uri})"
+            # Every rank fails alike, and the first to report it ends the others wherever they are: each
+            # rank's log goes up first, so that all of them are there, not only the first's.
+            logger.warning("%s", message)
+            upload_log(
+                self.config,
+                self.ranks.rank,
+                rank_log_path(self.workspace, self.ranks.rank),
+                LOG_UPLOAD_SECONDS,
+            )
+            dist.barrier()
+            raise NonRetryableError(message, reason=EVAL_GATE_NOT_MET)
+        return model_uri
 
     def cleanup(self) -> None:
         if self.server is not None:

@@ -32,6 +32,7 @@ TERMINATION_MESSAGE_LIMIT = 4096
 # Reasons a failure carries beyond its exit class; the operator uses them as condition reasons.
 STALLED = "Stalled"  # no optimizer step within runPolicy.stallTimeoutSeconds (retryable)
 NON_FINITE_LOSS = "NonFiniteLoss"  # the training loss became NaN or infinite
+EVAL_GATE_NOT_MET = "EvalGateNotMet"  # the final metrics miss evaluation.gate; the model is in rejected/
 
 
 def finite_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
@@ -53,7 +54,7 @@ class TerminationSummary(BaseModel):
     outcome: Literal["succeeded", "failed", "stopped"]
     retryable: bool = True
     error: str = ""
-    # Why, where the exit class alone does not say it: STALLED, NON_FINITE_LOSS.
+    # Why, where the exit class alone does not say it: STALLED, NON_FINITE_LOSS, EVAL_GATE_NOT_MET.
     reason: str = ""
     # The global rank whose failure this is (this rank's own, or the one whose failure ended it).
     rank: int | None = None
@@ -205,6 +206,12 @@ def write_termination_message(path: str, summary: TerminationSummary) -> None:
 
 def rank_summary_path(directory: Path, rank: int) -> Path:
     return directory / f"rank-{rank}.json"
+
+
+def rank_log_path(workspace: Path, rank: int) -> Path:
+    """Where a rank keeps its own log (beside the summaries), so that it can go to the output with the
+    results: on a cluster the pod's log is gone with the pod."""
+    return workspace / "logs" / f"rank-{rank}.log"
 
 
 def write_rank_summary(directory: Path, rank: int, summary: TerminationSummary) -> None:

@@ -43,6 +43,28 @@ PRINTER_COLUMNS = [
     },
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.metrics.evalLoss"},
+    # `kubectl get ftj -o wide` (priority 1): the base model beside the fine-tune.
+    {
+        "name": "Base-Eval-Loss",
+        "type": "number",
+        "jsonPath": ".status.baseMetrics.evalLoss",
+        "description": "The base model's eval loss, before the first step",
+        "priority": 1,
+    },
+    {
+        "name": "Answer-Acc",
+        "type": "number",
+        "jsonPath": ".status.metrics.answerAccuracy",
+        "description": "Share of generated replies that match the reference (evaluation.generation)",
+        "priority": 1,
+    },
+    {
+        "name": "Base-Answer-Acc",
+        "type": "number",
+        "jsonPath": ".status.baseMetrics.answerAccuracy",
+        "description": "The base model's answer accuracy, before the first step",
+        "priority": 1,
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

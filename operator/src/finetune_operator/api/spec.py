@@ -736,7 +736,8 @@ class Condition(StatusModel):
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(
-        default="", description="CamelCase reason, e.g. Unschedulable or BackoffLimitExceeded."
+        default="",
+        description="CamelCase reason, e.g. Unschedulable, BackoffLimitExceeded or (Failed) EvalGateNotMet.",
     )
     message: str = Field(default="", description="Human-readable details.")
     last_transition_time: str = Field(default="", description="When status last changed (RFC 3339).")
@@ -784,10 +785,20 @@ class FinetuneJobStatus(StatusModel):
     metrics: dict[str, float] = Field(
         default_factory=dict,
         description="Latest metrics: trainLoss, evalLoss, perplexity, tokenAccuracy; classification adds "
-        "accuracy, precision, recall and f1.",
+        "accuracy, precision, recall and f1; evaluation.generation adds answerAccuracy. The final ones once "
+        "the job has finished (also when an eval gate failed it).",
+    )
+    base_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="The base model's evaluation metrics, before the first optimizer step (same names as "
+        "metrics, without trainLoss): what the fine-tune is compared with.",
     )
     checkpoints: list[CheckpointStatus] = Field(default_factory=list, description="Complete checkpoints.")
-    output_model: str = Field(default="", description="S3 location of the fine-tuned model once Succeeded.")
+    output_model: str = Field(
+        default="",
+        description="S3 location of the fine-tuned model once Succeeded (never set for a Failed job: a model "
+        "an eval gate rejected is under <output>/rejected/).",
+    )
     message: str = Field(default="", description="Why the job is in its phase, for people.")
 
     def to_api(self) -> dict[str, Any]:

@@ -215,6 +215,8 @@ class ProgressReport(BaseModel):
     )
     train_loss: Finite | None = Field(default=None, alias="trainLoss")
     eval_metrics: dict[Name, Finite] = Field(default_factory=dict, alias="evalMetrics")
+    # The base model's evaluation before the first step (same names as evalMetrics).
+    base_metrics: dict[Name, Finite] = Field(default_factory=dict, alias="baseMetrics")
     checkpoints: list[ReportedCheckpoint] = Field(default_factory=list)
     # Names of the values left out: wrong type, not finite, out of bounds.
     dropped: tuple[str, ...] = Field(default=(), exclude=True)
@@ -248,6 +250,25 @@ def _checkpoint(entry: Any, dropped: list[str]) -> ReportedCheckpoint | None:
         return None
 
 
+def _metrics(document: dict[str, Any], key: str, dropped: list[str]) -> dict[str, float]:
+    """A {name: finite number} map of the document, at most MAX_EVAL_METRICS of its entries; an entry
+    with a bad name or value is left out, and ``key`` named in ``dropped`` once."""
+    reported = document.get(key)
+    metrics: dict[str, float] = {}
+    if isinstance(reported, dict):
+        for name, value in list(reported.items())[: MAX_EVAL_METRICS + 1]:
+            try:
+                metrics[_METRIC_NAME.validate_python(name)] = _METRIC_VALUE.validate_python(value)
+            except ValidationError:
+                dropped.append(key)
+        if len(reported) > MAX_EVAL_METRICS:
+            metrics = dict(list(metrics.items())[:MAX_EVAL_METRICS])
+            dropped.append(key)
+    elif reported is not None:
+        dropped.append(key)
+    return metrics
+
+
 def parse_progress(document: Any) -> ProgressReport:
     """The typed report of a /progress document. Never raises: a value that is missing, of the wrong
     type, out of bounds or not a finite number (NaN, Infinity) is left out and named in ``dropped``,
@@ -266,19 +287,8 @@ def parse_progress(document: Any) -> ProgressReport:
             fields[name] = _ADAPTERS[name].validate_python(document[key])
         except ValidationError:
             dropped.append(key)
-    evaluated = document.get("evalMetrics")
-    metrics: dict[str, float] = {}
-    if isinstance(evaluated, dict):
-        for name, value in list(evaluated.items())[: MAX_EVAL_METRICS + 1]:
-            try:
-                metrics[_METRIC_NAME.validate_python(name)] = _METRIC_VALUE.validate_python(value)
-            except ValidationError:
-                dropped.append("evalMetrics")
-        if len(evaluated) > MAX_EVAL_METRICS:
-            metrics = dict(list(metrics.items())[:MAX_EVAL_METRICS])
-            dropped.append("evalMetrics")
-    elif evaluated is not None:
-        dropped.append("evalMetrics")
+    metrics = _metrics(document, "evalMetrics", dropped)
+    base_metrics = _metrics(document, "baseMetrics", dropped)
     listed = document.get("checkpoints")
     checkpoints: list[ReportedCheckpoint] = []
     if isinstance(listed, list):
@@ -290,14 +300,18 @@ def parse_progress(document: Any) -> ProgressReport:
     elif listed is not None:
         dropped.append("checkpoints")
     return ProgressReport(
-        **fields, eval_metrics=metrics, checkpoints=checkpoints, dropped=tuple(dict.fromkeys(dropped))
+        **fields,
+        eval_metrics=metrics,
+        base_metrics=base_metrics,
+        checkpoints=checkpoints,
+        dropped=tuple(dict.fromkeys(dropped)),
     )
 
 
 def progress_status(document: dict[str, Any] | ProgressReport) -> FinetuneJobStatus:
-    """status.progress, status.metrics and status.checkpoints (only these set) from rank 0's /progress
-    document. Never raises: a value that is missing, of the wrong type or not a finite number (NaN,
-    Infinity) is left out, and the rest is kept."""
+    """status.progress, status.metrics, status.baseMetrics and status.checkpoints (only these set) from
+    rank 0's /progress document. Never raises: a value that is missing, of the wrong type or not a finite
+    number (NaN, Infinity) is left out, and the rest is kept."""
     report = parse_progress(document)
     step, total = report.step or 0, report.total_steps or 0
     progress = ProgressStatus(
@@ -317,4 +331,7 @@ def progress_status(document: dict[str, Any] | ProgressReport) -> FinetuneJobSta
         CheckpointStatus.model_validate(c.model_dump(by_alias=True, exclude_none=True))
         for c in report.checkpoints[-STATUS_CHECKPOINTS:]
     ]
-    return FinetuneJobStatus(progress=progress, metrics=metrics, checkpoints=checkpoints)
+    status = FinetuneJobStatus(progress=progress, metrics=metrics, checkpoints=checkpoints)
+    if report.base_metrics:  # set only when reported: a status without them stays as it was
+        status.base_metrics = {name: round(value, 4) for name, value in report.base_metrics.items()}
+    return status

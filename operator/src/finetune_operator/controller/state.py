@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune_trainer.summary import (
+    EVAL_GATE_NOT_MET,
     MAX_ERROR_CHARS,
     NON_FINITE_LOSS,
     NON_RETRYABLE_EXIT_CODE,
@@ -32,6 +33,8 @@ REPORTING_PHASES: tuple[Phase, ...] = ("Initializing", "Running")
 # Failure reasons the trainer reports that also become a condition of their own (type = reason,
 # status True, the trainer's message), so that they can be watched for and are not lost in the phase.
 TRAINER_CONDITIONS = (STALLED, NON_FINITE_LOSS)
+# EVAL_GATE_NOT_MET, the trainer's reason for a run whose final metric missed spec.evaluation.gate, is not
+# among them: the job is Failed with it as the reason, the model under <output>/rejected/, no outputModel.
 # A trainer's reason is used as a condition reason only in the form Kubernetes allows (metav1.Condition).
 _REASON = re.compile(r"[A-Za-z]([A-Za-z0-9_,:]{0,1022}[A-Za-z0-9_])?")
 
@@ -400,9 +403,31 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
     if reported is not None and reported.progress is not None and reported.progress.total_steps:
         b.status.progress = reported.progress
         b.status.metrics = {**b.status.metrics, **reported.metrics}
+        if reported.base_metrics:
+            b.status.base_metrics = {**b.status.base_metrics, **reported.base_metrics}
         if reported.checkpoints:
             b.status.checkpoints = reported.checkpoints
     return b.decision
+
+
+def rejected_prefix(output_uri: str) -> str:
+    """Where the trainer writes a model the eval gate rejected: <output>/rejected/."""
+    return output_uri.rstrip("/") + "/rejected/"
+
+
+def _gate_failure(b: _Builder, job: FinetuneJob, cause: PodObservation, message: str) -> str:
+    """A run the eval gate rejected: its final metrics go to status.metrics (the value that missed the
+    gate among them), and the message says where the rejected model is. status.outputModel stays unset:
+    it names only a model that passed, whatever the summary says."""
+    summary = _summary(cause, output_uri=job.spec.output.uri)
+    if summary is None:
+        return message
+    if summary.metrics:
+        b.status.metrics = {**b.status.metrics, **{k: round(v, 4) for k, v in summary.metrics.items()}}
+    rejected = summary.output_model  # under the job's spec.output.uri (parse_termination_message checks)
+    if rejected.startswith(rejected_prefix(job.spec.output.uri)) and rejected not in message:
+        message = f"{_shorten(message, MAX_ERROR_CHARS)}; the rejected model is at {rejected}"
+    return message
 
 
 def _handle_failure(
@@ -419,9 +444,12 @@ def _handle_failure(
     TRAINER_CONDITIONS, a condition of its own with the trainer's message."""
     non_retryable = [p for p in failed if p.exit_code == NON_RETRYABLE_EXIT_CODE]
     if non_retryable:
-        reason, message = _failure_description(_cause(non_retryable))
+        cause = _cause(non_retryable)
+        reason, message = _failure_description(cause)
         if reason in TRAINER_CONDITIONS:
             b.condition(reason, True, reason, message)
+        if reason == EVAL_GATE_NOT_MET:
+            message = _gate_failure(b, job, cause, message)
         b.stop(current)
         b.fail(reason, message)
         return b.decision
