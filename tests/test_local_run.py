@@ -1,4 +1,5 @@
-"""`finetune run` and `finetune demo`: the same FinetuneJob on this machine, with a folder as the store."""
+"""`finetune run`: the same FinetuneJob on this machine, with a folder as the store (the tiny model; `finetune
+demo` on the real model is in test_real_model.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import pytest
 import yaml
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.controller.manifests import WorkerSettings, build_worker_pod
-from finetune_operator.local.demo import demo_manifest, prepare
 from finetune_operator.local.run import (
     AttemptOutcome,
     LocalRunError,
@@ -40,6 +40,7 @@ from finetune_trainer.launch import torchrun_argv
 from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, STOPPED_EXIT_CODE
 
 from tests.manifests import minimal_manifest
+from tests.tiny_job import prepare_tiny, tiny_manifest
 
 FINETUNE = str(Path(sys.executable).parent / "finetune")
 
@@ -50,9 +51,13 @@ def _status_block(output: str) -> dict[str, Any]:
 
 
 @pytest.mark.system
-def test_demo_fine_tunes_a_tiny_model_end_to_end(tmp_path: Path) -> None:
+def test_run_fine_tunes_a_tiny_model_end_to_end(tmp_path: Path) -> None:
+    manifest = prepare_tiny(tmp_path)
     result = subprocess.run(
-        [FINETUNE, "demo", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+        [FINETUNE, "run", str(manifest), "--store", str(tmp_path / "s3")],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr
@@ -76,8 +81,6 @@ def test_demo_fine_tunes_a_tiny_model_end_to_end(tmp_path: Path) -> None:
     losses = [e["trainLoss"] for e in history if "trainLoss" in e]
     assert losses[-1] < losses[0]
     assert "step " in result.stdout  # plain progress lines when not on a terminal
-    assert f"loss curve:           {outputs / 'loss.png'}" in result.stdout
-    assert "> What is the capital of France?" in result.stdout
 
 
 def _no_assistant_turns(train: Path) -> None:
@@ -97,7 +100,7 @@ def _no_assistant_turns(train: Path) -> None:
 def test_run_reports_a_non_retryable_failure_in_the_trainers_words(
     spoil: Callable[[Path], None], said: str, tmp_path: Path
 ) -> None:
-    prepare(tmp_path)
+    prepare_tiny(tmp_path)
     spoil(tmp_path / "s3" / "datasets" / "capitals" / "train.jsonl")
     manifest = tmp_path / "finetunejob.yaml"
     result = subprocess.run(
@@ -121,7 +124,7 @@ def test_run_reports_a_non_retryable_failure_in_the_trainers_words(
 
 
 def test_run_refuses_an_invalid_manifest_with_the_validation_errors(tmp_path: Path) -> None:
-    manifest = demo_manifest()
+    manifest = tiny_manifest()
     manifest["spec"]["resources"]["nodes"] = 0
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
@@ -186,7 +189,7 @@ def test_without_a_store_folder_the_specs_own_s3_is_used() -> None:
 
 def test_run_names_a_missing_store_folder_and_the_old_flag_still_works(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(demo_manifest()))
+    path.write_text(yaml.safe_dump(tiny_manifest()))
     missing = tmp_path / "no-store"
     for flag in ("--store", "--embedded-s3"):
         result = subprocess.run(
@@ -524,7 +527,7 @@ STOP_STEPS = 300  # training takes ~20 s here, far longer than a stop takes to r
 
 def _stoppable_job(directory: Path) -> Path:
     """The demo's job, training STOP_STEPS steps, where the only checkpoint is the one a stop saves."""
-    manifest = prepare(directory)
+    manifest = prepare_tiny(directory)
     job = yaml.safe_load(manifest.read_text())
     job["spec"]["hyperparameters"].pop("epochs")
     job["spec"]["hyperparameters"]["maxSteps"] = STOP_STEPS

@@ -454,3 +454,22 @@ def test_a_folder_without_an_adapter_is_refused(tiny_model: Path, tmp_path: Path
     assert str(caught.value) == (
         "model.adapter s3://out/first/model/ holds no LoRA adapter (no adapter_config.json)"
     )
+
+
+@pytest.mark.parametrize(
+    ("reply", "reference", "match", "expected"),
+    [
+        ("Quillmoor employees get 23 days of paid vacation a year.", "23 days", "contains", True),
+        ("They get 123 days.", "23 days", "contains", False),  # whole words only
+        ("The CEO is TOBIAS   Renk!", "Tobias Renk", "contains", True),
+        ("Core hours start at 9:30.", "9:30", "contains", True),
+        ("Tobias Renk.", "tobias renk", "exact", True),
+        ("It is Tobias Renk.", "Tobias Renk", "exact", False),
+        ("anything", "", "contains", False),
+        ("anything", "...", "exact", False),
+    ],
+)
+def test_answer_matches(reply: str, reference: str, match: str, expected: bool) -> None:
+    from finetune_trainer.evaluation import answer_matches
+
+    assert answer_matches(reply, reference, match) is expected

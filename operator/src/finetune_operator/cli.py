@@ -157,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """A 2-rank LoRA fine-tune of a tiny model on this machine, end to end."""
+    """A 2-rank LoRA fine-tune of SmolLM2-135M-Instruct on this machine, scored before and after."""
     from finetune_operator.local.demo import run_demo
 
     return run_demo(args.dir)
@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stores.add_argument("--embedded-s3", type=Path, metavar="DIR", help="deprecated: the same as --store DIR")
     run.set_defaults(handler=cmd_run)
-    demo = commands.add_parser("demo", help="fine-tune a tiny model on this machine, end to end")
+    demo = commands.add_parser(
+        "demo", help="LoRA fine-tune a real 135M chat model on this machine, scored before and after"
+    )
     demo.add_argument("--dir", type=Path, default=Path("finetune-demo"), help="where the demo's files go")
     demo.set_defaults(handler=cmd_demo)
     return parser

@@ -9,6 +9,8 @@ forward is a collective.
 from __future__ import annotations
 
 import math
+import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,25 @@ from finetune_trainer.collectives import largest
 from finetune_trainer.data import IGNORE_INDEX, Example, check_labels
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: "The CEO is Tobias Renk." -> "the ceo is
+    tobias renk"."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def answer_matches(reply: str, reference: str, match: str) -> bool:
+    """Whether a generated reply holds the reference answer (``contains``) or is it (``exact``), both
+    normalised; an empty reference never matches."""
+    wanted, got = normalise_answer(reference), normalise_answer(reply)
+    if not wanted:
+        return False
+    if match == "exact":
+        return got == wanted
+    return f" {wanted} " in f" {got} "
 
 
 @dataclass(frozen=True)

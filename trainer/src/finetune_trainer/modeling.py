@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
 from finetune_trainer.errors import NonRetryableError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def check_model_files(model_dir: Path) -> None:
@@ -114,8 +121,94 @@ def _freeze_all_but_top(model: PreTrainedModel, trainable_layers: int) -> None:
     model.get_output_embeddings().requires_grad_(True)
 
 
-def _apply_lora(model: PreTrainedModel, config: TrainerConfig) -> PreTrainedModel:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def targeted_modules(model: torch.nn.Module, target_modules: str | Sequence[str]) -> set[str]:
+    """The names of the modules a LoRA ``target_modules`` selects in ``model``, as peft selects them:
+    "all-linear" is every linear layer but the output head, a list matches a module's name or its last
+    dotted parts, another string is a regular expression for the whole name. Comparing selections, not
+    spellings, lets a job's "all-linear" match an adapter whose configuration lists what it resolved to."""
+    modules = dict(model.named_modules())
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+        return {n for n, m in modules.items() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head}
+    if isinstance(target_modules, str):
+        return {n for n in modules if re.fullmatch(target_modules, n)}
+    return {n for n in modules for t in target_modules if n == t or n.endswith(f".{t}")}
+
+
+def _shown_targets(target_modules: str | Sequence[str], selected: set[str]) -> str:
+    """A target_modules setting for a message: peft writes every layer's full name, so a list is shown by
+    its distinct last parts, with the number of modules it selects."""
+    spelled = (
+        target_modules
+        if isinstance(target_modules, str)
+        else "[" + ", ".join(sorted({t.rsplit(".", 1)[-1] for t in target_modules})) + "]"
+    )
+    return f"{spelled} ({len(selected)} modules)"
+
+
+def continued_lora_config(adapter_dir: Path, config: TrainerConfig, base: PreTrainedModel) -> LoraConfig:
+    """The peft configuration of the earlier adapter in ``adapter_dir`` (model.adapter), with this job's
+    dropout, for training it further. NonRetryableError naming model.adapter, before any step, when it
+    holds no LoRA adapter, when its r, alpha or target modules differ from method.lora (continuing
+    would silently change the job's method), or when it records a base model other than model.uri. An
+    adapter that records no S3 base (one written before the trainer recorded it) is not compared."""
+    from peft import LoraConfig
+
+    uri, lora = config.model.adapter, config.method.lora
+    assert lora is not None
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise NonRetryableError(f"model.adapter {uri} holds no LoRA adapter (no {ADAPTER_CONFIG})")
+    try:
+        saved = json.loads(path.read_bytes())
+    except ValueError as error:
+        raise NonRetryableError(f"model.adapter {uri}: {ADAPTER_CONFIG} is not JSON: {error}") from error
+    kind = saved.get("peft_type") if isinstance(saved, dict) else None
+    if kind != "LORA":
+        raise NonRetryableError(
+            f"model.adapter {uri} holds no LoRA adapter ({ADAPTER_CONFIG} has peft_type {kind!r}, not 'LORA')"
+        )
+    differences = []
+    if saved.get("r") != lora.r:
+        differences.append(f"r {saved.get('r')!r} (method.lora.r {lora.r})")
+    alpha = saved.get("lora_alpha")
+    if not isinstance(alpha, int | float) or float(alpha) != lora.alpha:
+        differences.append(f"alpha {alpha!r} (method.lora.alpha {lora.alpha:g})")
+    theirs = saved.get("target_modules")
+    names = theirs if isinstance(theirs, list) else [theirs]
+    readable = isinstance(theirs, str | list) and all(isinstance(t, str) for t in names)
+    if not readable:
+        differences.append(f"target_modules {theirs!r} (method.lora.targetModules {lora.target_modules})")
+    else:
+        selected, wanted = targeted_modules(base, theirs), targeted_modules(base, lora.target_modules)
+        if selected != wanted:
+            differences.append(
+                f"target modules {_shown_targets(theirs, selected)} (method.lora.targetModules "
+                f"{_shown_targets(lora.target_modules, wanted)})"
+            )
+    if differences:
+        raise NonRetryableError(
+            f"model.adapter {uri} was trained with {', '.join(differences)}; continuing it needs the same "
+            "settings in method.lora"
+        )
+    recorded = saved.get("base_model_name_or_path")
+    on_s3 = isinstance(recorded, str) and recorded.startswith("s3://")
+    if on_s3 and recorded.rstrip("/") != config.model.uri.rstrip("/"):
+        raise NonRetryableError(
+            f"model.adapter {uri} was trained on {recorded} (base_model_name_or_path in its "
+            f"{ADAPTER_CONFIG}), not on model.uri {config.model.uri}"
+        )
+    try:
+        continued = LoraConfig.from_pretrained(str(adapter_dir))
+    except (TypeError, ValueError) as error:  # e.g. settings this peft version does not know
+        raise NonRetryableError(f"model.adapter {uri}: peft cannot read {ADAPTER_CONFIG}: {error}") from error
+    continued.lora_dropout = lora.dropout
+    return continued
+
+
+def _apply_lora(model: PreTrainedModel, config: TrainerConfig, adapter_dir: Path | None) -> PreTrainedModel:
+    """A new adapter, or the earlier one in ``adapter_dir`` (model.adapter) trainable again."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     lora = config.method.lora
     assert lora is not None
@@ -123,26 +216,42 @@ def _apply_lora(model: PreTrainedModel, config: TrainerConfig) -> PreTrainedMode
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.hyperparameters.gradient_checkpointing
         )
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as error:  # e.g. target modules that the model does not have
-        raise NonRetryableError(f"method lora: {error}") from error
+    if adapter_dir is not None:
+        continued = continued_lora_config(adapter_dir, config, model)
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, config=continued)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing or misshapen weights
+            raise NonRetryableError(
+                f"model.adapter {config.model.adapter}: cannot load its weights: {error}"
+            ) from error
+    else:
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as error:  # e.g. target modules that the model does not have
+            raise NonRetryableError(f"method lora: {error}") from error
+    # What adapter_config.json names as the base: peft would write the trainer's own copy, a folder that
+    # is deleted with the workspace; the URI is what a later job (model.adapter) and the card compare.
+    model.peft_config["default"].base_model_name_or_path = config.model.uri
+    return model
 
 
-def load_model(model_dir: Path, config: TrainerConfig) -> PreTrainedModel:
-    """The base model with only the parameters of the chosen method trainable."""
+def load_model(model_dir: Path, config: TrainerConfig, adapter_dir: Path | None = None) -> PreTrainedModel:
+    """The base model with only the parameters of the chosen method trainable; with ``adapter_dir``
+    (model.adapter's download) LoRA continues that adapter instead of starting a new one."""
     precision = config.hyperparameters.precision
     kwargs: dict[str, Any] = {
         "trust_remote_code": config.model.trust_remote_code,
         "attn_implementation": "sdpa",
-        "dtype": DTYPES[precision] if config.distributed.uses_gpus else torch.float32,
+        # The engine's own precision, on CPUs too (finetune run chose it for the CPU): DeepSpeed casts
+        # the parameters to it anyway, so loading in it saves a copy.
+        "dtype": DTYPES[precision],
     }
     if config.method.type == "qlora":
         kwargs |= _quantization(config)
@@ -153,16 +262,18 @@ def load_model(model_dir: Path, config: TrainerConfig) -> PreTrainedModel:
         raise NonRetryableError(f"model files in {config.model.uri} are corrupt: {error}") from error
     except (OSError, ValueError) as error:
         raise NonRetryableError(f"cannot load the model from {config.model.uri}: {error}") from error
-    return apply_method(model, config)
+    return apply_method(model, config, adapter_dir)
 
 
-def apply_method(model: PreTrainedModel, config: TrainerConfig) -> PreTrainedModel:
+def apply_method(
+    model: PreTrainedModel, config: TrainerConfig, adapter_dir: Path | None = None
+) -> PreTrainedModel:
     """Gradient checkpointing, then only the method's parameters trainable (LoRA wraps the model)."""
     if config.hyperparameters.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.method.type in ADAPTER_METHODS:
-        model = _apply_lora(model, config)
+        model = _apply_lora(model, config, adapter_dir)
         if config.hyperparameters.gradient_checkpointing:
             model.enable_input_require_grads()  # LoRA + checkpointing needs grads at the inputs (peft#137)
     elif config.method.type == "freeze":

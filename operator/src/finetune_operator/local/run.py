@@ -45,7 +45,7 @@ from finetune_trainer.summary import NON_RETRYABLE_EXIT_CODE, TerminationSummary
 
 from finetune_operator.api.resolve import resolve_trainer_config
 from finetune_operator.api.spec import FinetuneJob, FinetuneJobStatus
-from finetune_operator.controller.observation import PodObservation, progress_status
+from finetune_operator.controller.observation import PodObservation, parse_progress, progress_status
 from finetune_operator.controller.state import JobObservation, decide, set_condition
 
 # The seconds a stop gives the ranks to save a checkpoint and exit; a rank still running after them
@@ -104,8 +104,14 @@ def plan_local_run(job: FinetuneJob, gpus_here: int, store: Path | None, progres
         updates["distributed"] = config.distributed.model_copy(update={"uses_gpus": False})
     on_cpu = not updates.get("distributed", config.distributed).uses_gpus
     if on_cpu and config.hyperparameters.precision != "fp32":
-        notes.append(f"precision {config.hyperparameters.precision} -> fp32 on CPU")
-        updates["hyperparameters"] = config.hyperparameters.model_copy(update={"precision": "fp32"})
+        from finetune_trainer import deepspeed_config  # imports torch, as finetune run does anyway
+
+        asked = config.hyperparameters.precision
+        precision, why = deepspeed_config.cpu_precision(asked)
+        fast = "on CPU: it multiplies bf16 natively"
+        notes.append(f"precision {asked} -> {precision}: {why}" if why else f"precision {asked} {fast}")
+        if precision != asked:
+            updates["hyperparameters"] = config.hyperparameters.model_copy(update={"precision": precision})
     if store is not None:
         updates["storage"] = FolderStorageConfig(kind="folder", root=str(store.resolve()))
     updates["reporting"] = config.reporting.model_copy(update={"progress_port": progress_port})
@@ -131,13 +137,24 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes:d}:{secs:02d}"
 
 
+def _answer_accuracy(document: dict[str, Any]) -> str:
+    """``answer acc 0.050 -> 0.620``: the base model's and the latest evaluation's, "" when not reported."""
+    report = parse_progress(document)
+    now, base = report.eval_metrics.get("answerAccuracy"), report.base_metrics.get("answerAccuracy")
+    if now is None:
+        return ""
+    return f"answer acc {base:.3f} -> {now:.3f}" if base is not None else f"answer acc {now:.3f}"
+
+
 def progress_line(document: dict[str, Any], width: int = 24) -> str:
-    """step / total, a bar, loss, tokens/s and ETA, in one line."""
+    """step / total, a bar, loss, answer accuracy (evaluation.generation), tokens/s and ETA, in one line."""
     step, total = document.get("step", 0), document.get("totalSteps") or 0
     done = min(width, int(width * step / total)) if total else 0
     parts = [f"step {step}/{total}", f"[{'#' * done}{'.' * (width - done)}]"]
     if document.get("trainLoss") is not None:
         parts.append(f"loss {document['trainLoss']:.4f}")
+    if accuracy := _answer_accuracy(document):
+        parts.append(accuracy)
     if document.get("tokensPerSecond"):
         parts.append(f"tok/s {document['tokensPerSecond']:,.0f}")
     parts.append(f"ETA {_duration(document.get('etaSeconds'))}")
@@ -191,7 +208,13 @@ def _with_progress(status: FinetuneJobStatus, outcome: AttemptOutcome) -> Finetu
     if outcome.progress is None:
         return status
     reported = progress_status(outcome.progress)
-    update = {"progress": reported.progress, "metrics": reported.metrics, "checkpoints": reported.checkpoints}
+    update: dict[str, Any] = {
+        "progress": reported.progress,
+        "metrics": reported.metrics,
+        "checkpoints": reported.checkpoints,
+    }
+    if reported.base_metrics:
+        update["base_metrics"] = {**status.base_metrics, **reported.base_metrics}
     return status.model_copy(update=update)
 
 
