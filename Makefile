@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup test lint crd demo lock clean cluster-bin cluster cluster-down bench-operator
+.PHONY: setup test lint crd demo lock clean cluster-bin cluster cluster-down bench-operator bench-trl
 
 setup: $(STAMP)
 
@@ -45,13 +45,29 @@ cluster-down:
 bench-operator: setup cluster-bin
 	$(PY) benchmarks/operator_scale.py --repeat 3 $(ARGS)
 
+# Our trainer (`finetune run`) against TRL's SFTTrainer on the same LoRA job, alternated, 2 rounds
+# (docs/PERFORMANCE.md). TRL is installed only for this, into .venv/bench-trl: the pins of
+# benchmarks/requirements-trl.txt, --no-deps, on top of .venv's torch, transformers and peft.
+# More flags with ARGS, e.g. `make bench-trl ARGS='--threads 2 --json compare.json'`.
+BENCH_TRL := $(VENV)/bench-trl
+
+$(BENCH_TRL)/.installed: benchmarks/requirements-trl.txt $(STAMP)
+	rm -rf $(BENCH_TRL)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(BENCH_TRL) \
+		-r benchmarks/requirements-trl.txt
+	touch $@
+
+bench-trl: setup $(BENCH_TRL)/.installed
+	$(PY) benchmarks/compare_trl.py --trl-path $(BENCH_TRL) $(ARGS)
+
 # Regenerates crds/ from the spec model (tests fail when the committed CRD is stale).
 crd: setup
 	$(PY) -m finetune_operator.api.crd > crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/finetune-operator/crds/finetunejob.yaml
 	$(PY) -m finetune_operator.api.crd reference > docs/reference.md
 
-# A 2-rank LoRA fine-tune of a tiny model on this machine: S3 is the folder finetune-demo/s3.
+# SmolLM2-135M-Instruct LoRA-trained on a fictional company's policies by 2 CPU ranks, scored before and
+# after (a few minutes): S3 is the folder finetune-demo/s3.
 demo: setup
 	$(VENV)/bin/finetune validate examples/*.yaml
 	$(VENV)/bin/finetune demo --dir finetune-demo

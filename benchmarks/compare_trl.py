@@ -32,13 +32,12 @@ into .venv/bench-trl and runs this script with it on the path of the TRL runs on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import string
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each run")
+    parser.add_argument(
+        "--zero", type=int, default=2, choices=[0, 1, 2, 3], help="our ZeRO stage (the default)"
+    )
     parser.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
@@ -121,7 +123,7 @@ def _manifest(args: argparse.Namespace, name: str, precision: str) -> dict[str, 
             },
             # Only the base model's and the final evaluation (outside the training time).
             "evaluation": {"everySteps": 10 * args.steps},
-            "deepspeed": {"zeroStage": 0},
+            "deepspeed": {"zeroStage": args.zero},
             "resources": {"nodes": 1, "gpusPerNode": 0},
             "output": {"uri": f"s3://{BUCKET}/out/{name}/", "checkpointEverySteps": 10 * args.steps},
         },
@@ -202,6 +204,17 @@ def _env(args: argparse.Namespace, extra_path: str | None = None) -> dict[str, s
     return env
 
 
+def _timed_run(argv: list[str], env: dict[str, str], log: Path) -> tuple[str, float]:
+    """Runs one side's process to the end: its stdout and wall seconds; its output kept in ``log``."""
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - started
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({result.returncode}), see {log}:\n{result.stderr[-3000:]}")
+    return result.stdout, wall
+
+
 # --- ours: finetune run --------------------------------------------------------------------------
 
 
@@ -210,20 +223,9 @@ def run_ours(args: argparse.Namespace, work: Path, round_: int, precision: str) 
     job = work / f"{name}.yaml"
     job.write_text(yaml.safe_dump(_manifest(args, name, precision), sort_keys=False))
     finetune = Path(sys.executable).with_name("finetune")
-    started = time.perf_counter()
-    result = subprocess.run(
-        [str(finetune), "run", str(job), "--store", str(work / "store")],
-        env=_env(args),
-        capture_output=True,
-        text=True,
-        timeout=3600,
+    stdout, wall = _timed_run(
+        [str(finetune), "run", str(job), "--store", str(work / "store")], _env(args), work / f"{name}.out"
     )
-    wall = time.perf_counter() - started
-    (work / f"{name}.out").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(
-            f"finetune run failed ({result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}"
-        )
     output = work / "store" / BUCKET / "out" / name
     metrics = json.loads((output / "metrics.json").read_text())
     windows = [e for e in metrics["history"] if "tokensPerSecond" in e]
@@ -233,7 +235,7 @@ def run_ours(args: argparse.Namespace, work: Path, round_: int, precision: str) 
     tokens_per_second = sum(steps_in) / sum(
         n / w["tokensPerSecond"] for n, w in zip(steps_in, windows, strict=True)
     )
-    notes = [line.removeprefix("note: ") for line in result.stdout.splitlines() if line.startswith("note: ")]
+    notes = [line.removeprefix("note: ") for line in stdout.splitlines() if line.startswith("note: ")]
     return {
         "side": "ours",
         "round": round_,
@@ -254,20 +256,11 @@ def run_trl(args: argparse.Namespace, work: Path, round_: int, precision: str) -
     spec = {"args": vars(args), "precision": precision, "work": str(work), "name": name}
     spec_file = work / f"{name}.json"
     spec_file.write_text(json.dumps(spec))
-    started = time.perf_counter()
-    result = subprocess.run(
+    _, wall = _timed_run(
         [sys.executable, __file__, "--trl-worker", str(spec_file)],
-        env=_env(args, args.trl_path),
-        capture_output=True,
-        text=True,
-        timeout=3600,
+        _env(args, args.trl_path),
+        work / f"{name}.out",
     )
-    wall = time.perf_counter() - started
-    (work / f"{name}.out").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(
-            f"the TRL run failed ({result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}"
-        )
     report = json.loads((work / name / "report.json").read_text())
     return {
         "side": "trl",
@@ -364,11 +357,6 @@ def trl_worker(spec_file: str) -> None:
 # --- scoring both adapters alike ------------------------------------------------------------------
 
 
-def normalise(text: str) -> str:
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def score(args: argparse.Namespace, work: Path, adapter: str) -> dict[str, float]:
     result = subprocess.run(
         [sys.executable, __file__, "--score", json.dumps({"work": str(work), "adapter": adapter})],
@@ -385,6 +373,7 @@ def score(args: argparse.Namespace, work: Path, adapter: str) -> dict[str, float
 def score_worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     import torch
+    from finetune_trainer.evaluation import answer_matches
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -411,18 +400,26 @@ def score_worker(spec_json: str) -> None:
                 **inputs, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
             reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += normalise(row["reference"]) in normalise(reply)
+            correct += answer_matches(reply, row["reference"], "contains")
     print(json.dumps({"evalLoss": total / count, "answerAccuracy": correct / len(shared["eval"])}))
 
 
 # --- the comparison -------------------------------------------------------------------------------
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     found = {}
-    for name in ("torch", "transformers", "peft", "deepspeed", "accelerate"):
+    for name in ("torch", "transformers", "peft", "deepspeed", "accelerate"):  # TRL's: from its runs
         found[name] = metadata.version(name)
     return found
 
@@ -467,6 +464,10 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         for side in sides:
             run = (run_ours if side == "ours" else run_trl)(args, work, round_, precision)
+            if side == "ours" and args.steps * args.batch % len(shared["train"]) == 0:
+                # Whole epochs (one rank, every row each epoch): the same tokens TRL counts.
+                run["trainTokens"] = args.steps * args.batch // len(shared["train"]) * train_tokens
+                run["trainSeconds"] = run["trainTokens"] / run["tokensPerSecond"]
             results.append(run)
             print(
                 f"{side} {round_}: {run['tokensPerSecond']:,.0f} tokens/s, wall {run['wallSeconds']:.1f} s",
@@ -498,7 +499,7 @@ def main() -> None:
         document = {
             "settings": {k: v for k, v in vars(args).items() if k not in ("trl_worker", "score")},
             "precision": precision,
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count()},
             "versions": versions() | {"trl": next((r["trl"] for r in results if "trl" in r), None)},
             "runs": results,
             "summary": summary,

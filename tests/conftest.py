@@ -12,8 +12,12 @@ takes the control plane is ``controlplane``; the rest are ``unit``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import huggingface_hub.constants
 import pytest
+from finetune_trainer.tiny import build_tiny_model
 
 from tests.kube.cluster import GPU_NODES, Identity, RealCluster, chart_rbac, set_up
 from tests.kube.controlplane import running_control_plane
@@ -21,6 +25,48 @@ from tests.kube.nodes import NodeAgent
 from tests.test_chart import render
 
 TIERS = ("unit", "controlplane", "system")
+
+# Renders the last assistant turn unlike the earlier ones (as Qwen3 does with its empty think block),
+# so a prefix of the conversation does not render as a prefix of the whole.
+LAST_TURN_DIFFERS_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and loop.last %}{{ '<|assistant|>\\n<think></think>' + m['content'] }}"
+    "{% else %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% endif %}{{ '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[None]:
+    """The Hub client in offline mode: any attempt to reach the model hub fails."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, offline: None) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_dir: Path) -> dict[str, Any]:
+    """The tiny tokenizer with its own template, with none (the fallback) and with a non-prefix template."""
+    from transformers import AutoTokenizer
+
+    loaded = {
+        name: AutoTokenizer.from_pretrained(tiny_dir) for name in ("template", "fallback", "last-differs")
+    }
+    loaded["fallback"].chat_template = None
+    loaded["last-differs"].chat_template = LAST_TURN_DIFFERS_TEMPLATE
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizers: dict[str, Any]) -> Any:
+    return tokenizers["template"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,48 +35,6 @@ from finetune_trainer.data import (
     split_eval,
 )
 from finetune_trainer.tiny import CHAT_TEMPLATE, build_tiny_model, demo_rows
-
-# Renders the last assistant turn unlike the earlier ones (as Qwen3 does with its empty think block),
-# so a prefix of the conversation does not render as a prefix of the whole.
-LAST_TURN_DIFFERS_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' and loop.last %}{{ '<|assistant|>\\n<think></think>' + m['content'] }}"
-    "{% else %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% endif %}{{ '<|end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def offline() -> Iterator[None]:
-    """The Hub client in offline mode: any attempt to reach the model hub fails."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory, offline: None) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tiny_dir: Path) -> dict[str, Any]:
-    """The tiny tokenizer with its own template, with none (the fallback) and with a non-prefix template."""
-    from transformers import AutoTokenizer
-
-    loaded = {
-        name: AutoTokenizer.from_pretrained(tiny_dir) for name in ("template", "fallback", "last-differs")
-    }
-    loaded["fallback"].chat_template = None
-    loaded["last-differs"].chat_template = LAST_TURN_DIFFERS_TEMPLATE
-    return loaded
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizers: dict[str, Any]) -> Any:
-    return tokenizers["template"]
 
 
 def dataset(fmt: str, columns: dict[str, str] | None = None, max_seq_length: int = 512) -> DatasetConfig:

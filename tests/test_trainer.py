@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from finetune_trainer.evaluation import normalise_answer
 from finetune_trainer.launch import descendants
 from finetune_trainer.summary import (
     EVAL_GATE_NOT_MET,
@@ -23,6 +24,7 @@ from finetune_trainer.summary import (
     STOPPED_EXIT_CODE,
     parse_termination_message,
 )
+from finetune_trainer.tiny import demo_rows
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +110,7 @@ def test_lora_on_two_ranks_writes_a_loadable_adapter_and_its_metrics(
 
     metrics = get_json(server, f"{output}metrics.json")
     assert metrics["final"] == run.summary.metrics
-    assert [e["step"] for e in metrics["history"] if "evalLoss" in e] == [3, 6]
+    assert [e["step"] for e in metrics["history"] if "evalLoss" in e] == [0, 3, 6]  # 0: the base model
     assert all("trainLoss" in e for e in metrics["history"] if "evalLoss" not in e)
     assert get_json(server, f"{output}config.json") == json.loads(config.to_json()) | {
         "reporting": get_json(server, f"{output}config.json")["reporting"]
@@ -562,3 +564,116 @@ def test_bf16_on_cpu_reports_what_fp32_reports(store: tuple[S3Server, Path], tmp
     assert len(bf16_curve) == len(fp32_curve) == 8
     assert max(abs(a - b) for a, b in zip(bf16_curve, fp32_curve, strict=True)) < 0.05, finals
     assert abs(bf16["evalLoss"] - fp32["evalLoss"]) < 0.03, finals
+
+
+GENERATION_TOKENS = 8
+
+
+def _greedy_replies(model_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The base model's greedy reply to each row's question, one row at a time (no padding): what the
+    trainer's batched, left-padded generation must reproduce."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    replies = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True)["input_ids"]
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=GENERATION_TOKENS,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        replies.append(tokenizer.decode(output[0][len(prompt) :], skip_special_tokens=True))
+    return replies
+
+
+def _poll_progress(process: Any, port: int) -> list[dict[str, Any]]:
+    """Every /progress document served until the trainer exits."""
+    documents = []
+    while process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=2) as answer:
+                documents.append(json.loads(answer.read()))
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return documents
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_answer_accuracy_is_measured_before_training_and_after(
+    store: tuple[S3Server, Path], tmp_path: Path, zero_stage: int
+) -> None:
+    """evaluation.generation on 2 ranks (ZeRO-3: decoding in lockstep): the base model's answerAccuracy
+    at step 0 is exactly what its own greedy replies earn, each rank generating its share in batches
+    (5 rows, 2 a batch: 2 batches on rank 0, 1 and a filler on rank 1); /progress reports it as
+    baseMetrics, and a resumed run keeps it without evaluating the base again."""
+    server, base_model = store
+    name = f"generation-zero{zero_stage}"
+    rows = demo_rows(5, seed=7)
+    replies = _greedy_replies(base_model, rows)
+    for index, (row, reply) in enumerate(zip(rows, replies, strict=True)):
+        words = normalise_answer(reply).split()
+        # Even rows: the reply's own first words, so they match; odd rows: words the reply lacks.
+        row["reference"] = " ".join(words[:2]) if index % 2 == 0 and words else "quokka zebra"
+        assert index % 2 == 0 or "quokka" not in reply.lower()
+    expected = sum(row["reference"] != "quokka zebra" for row in rows) / len(rows)
+    assert expected > 0, replies  # the base model says something
+    put_jsonl(server.endpoint, BUCKET, f"data/{name}-eval.jsonl", rows)
+    config = trainer_config(
+        server.endpoint,
+        name,
+        dataset={"eval": f"s3://{BUCKET}/data/{name}-eval.jsonl"},
+        deepspeed={"zeroStage": zero_stage},
+        hyperparameters={"batchSizePerDevice": 2, "gradientCheckpointing": True},
+        evaluation={"everySteps": 3, "generation": {"maxNewTokens": GENERATION_TOKENS, "match": "contains"}},
+    )
+    process, termination = start_trainer(config, tmp_path / "first", server.endpoint, processes=2)
+    port = json.loads((tmp_path / "first" / "config.json").read_text())["reporting"]["progressPort"]
+    documents = _poll_progress(process, port)
+    first = Run(
+        process.wait(),
+        parse_termination_message(termination.read_text()),
+        (tmp_path / "first" / "trainer.log").read_text(),
+    )
+    succeeded(first)
+    history = get_json(server, f"out/{name}/metrics.json")["history"]
+    evaluations = [e for e in history if "answerAccuracy" in e]
+    assert [e["step"] for e in evaluations] == [0, 3, 6]
+    base = evaluations[0]
+    assert base["answerAccuracy"] == pytest.approx(expected) and "evalLoss" in base
+    assert (
+        "answerAccuracy" in first.summary.metrics
+        and first.summary.metrics["answerAccuracy"] == (evaluations[-1]["answerAccuracy"])
+    )
+    base_metrics = {k: v for k, v in base.items() if k != "step"}
+    reported = [d for d in documents if d.get("baseMetrics")]
+    assert reported, documents[-3:]
+    assert all(d["baseMetrics"] == base_metrics for d in reported)
+    assert all("evalLoss" not in d["evalMetrics"] for d in reported if d["step"] < 3)  # the trained model's
+    assert any(d["evalMetrics"].get("answerAccuracy") is not None for d in reported)
+    throughput = [e["tokensPerSecond"] for e in history if "tokensPerSecond" in e]
+    assert len(throughput) == 6 and all(t > 0 for t in throughput)
+
+    longer = config.model_copy(
+        update={"hyperparameters": config.hyperparameters.model_copy(update={"max_steps": 8})}
+    )
+    process, termination = start_trainer(longer, tmp_path / "second", server.endpoint, processes=2)
+    port = json.loads((tmp_path / "second" / "config.json").read_text())["reporting"]["progressPort"]
+    documents = _poll_progress(process, port)
+    second = Run(
+        process.wait(),
+        parse_termination_message(termination.read_text()),
+        (tmp_path / "second" / "trainer.log").read_text(),
+    )
+    succeeded(second)
+    assert f"resumed from s3://{BUCKET}/out/{name}/checkpoints/step-3/" in second.log
+    assert "step 0 evaluation" not in second.log
+    history = get_json(server, f"out/{name}/metrics.json")["history"]
+    assert [e["step"] for e in history if "answerAccuracy" in e] == [0, 3, 6, 8]
+    assert history[0] == base
+    assert any(d["step"] > 3 for d in documents)
+    assert all(d["baseMetrics"] == base_metrics for d in documents if d["state"] == "training")

@@ -129,9 +129,11 @@ NonFiniteLossPolicy = Literal["fail", "restart"]
 ADAPTER_METHODS: tuple[MethodType, ...] = ("lora", "qlora")
 
 # The columns each dataset format reads, in its canonical names (``dataset.columns`` renames them).
+# ``reference`` (optional) is the answer generation-based evaluation compares a reply with; without it,
+# the last assistant turn or the output.
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "chat": ("messages",),
-    "instruction": ("instruction", "input", "output"),
+    "chat": ("messages", "reference"),
+    "instruction": ("instruction", "input", "output", "reference"),
     "completion": ("text",),
     "classification": ("text", "label"),
 }

@@ -64,6 +64,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss
     label: str | None = None  # classification: the gold label text
+    # Chat and instruction rows, for generation-based evaluation: input_ids[:prompt_length] is the prompt
+    # of the last reply (the turns before it and the generation prompt; the Alpaca prompt), ``reference``
+    # the answer a generated reply is compared with. None when the prompt does not fit in maxSeqLength.
+    prompt_length: int | None = None
+    reference: str | None = None
 
 
 @dataclass
@@ -336,6 +341,15 @@ def check_labels(examples: Sequence[Example], source: str) -> None:
 Span = tuple[int, int]  # [start, end) character offsets that carry loss
 
 
+def _last_reply_start(labels: list[int]) -> int:
+    """The index of the first token of the last run of loss tokens (there is one): where the last reply
+    begins."""
+    start = max(i for i, value in enumerate(labels) if value != IGNORE_INDEX)
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
 class _Encoder:
     """Turns one row of the configured format into an Example, or raises _Unusable."""
 
@@ -400,16 +414,35 @@ class _Encoder:
         return ids, labels, starts
 
     def finish(
-        self, ids: list[int], labels: list[int], eos_label: int | None, label: str | None = None
+        self,
+        ids: list[int],
+        labels: list[int],
+        eos_label: int | None,
+        label: str | None = None,
+        reference: str | None = None,
     ) -> tuple[Example, bool]:
-        """Appends EOS (unless ``eos_label`` is None), truncates to maxSeqLength, checks loss is left."""
+        """Appends EOS (unless ``eos_label`` is None), truncates to maxSeqLength, checks loss is left.
+
+        With a ``reference`` the prompt is everything before the last run of loss tokens (the last reply),
+        found before truncation so that a cut reply still has its own prompt."""
         if eos_label is not None:
             ids, labels = [*ids, self.eos_id], [*labels, eos_label]
+        whole = labels
         truncated = len(ids) > self.max_length
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(value == IGNORE_INDEX for value in labels):
             raise _Unusable(f"response truncated away at maxSeqLength {self.max_length}")
-        return Example(ids, labels, label), truncated
+        if reference is None:
+            return Example(ids, labels, label), truncated
+        prompt_length = _last_reply_start(whole)
+        if prompt_length > self.max_length:  # the question itself was cut: nothing to ask
+            return Example(ids, labels, label), truncated
+        return Example(ids, labels, label, prompt_length, reference), truncated
+
+    def reference(self, row: Mapping[str, Any], reply: str) -> str:
+        """The row's own reference answer (the optional ``reference`` column), else the reply it trains on."""
+        given = self.string(row, "reference", required=False)
+        return given if given.strip() else reply
 
     def completion(self, row: Mapping[str, Any]) -> tuple[Example, bool]:
         text = self.string(row, "text")
@@ -425,7 +458,7 @@ class _Encoder:
         else:
             prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
         ids, labels, _ = self.tokenize(self.bos, prompt + output, [(len(prompt), len(prompt) + len(output))])
-        return self.finish(ids, labels, self.eos_id)
+        return self.finish(ids, labels, self.eos_id, reference=self.reference(row, output))
 
     def classification(self, row: Mapping[str, Any]) -> tuple[Example, bool]:
         """Prompt from the text, loss on the label; a long text loses its end so that the label fits."""
@@ -477,8 +510,10 @@ class _Encoder:
                 raise _Unusable(f"unknown role {turn['role']!r}")
             if turn["role"] == "assistant" and not turn["content"].strip():
                 raise _Unusable("empty assistant message")
-        if not any(turn["role"] == "assistant" for turn in turns):
+        replies = [turn["content"] for turn in turns if turn["role"] == "assistant"]
+        if not replies:
             raise _Unusable("no assistant turn")
+        reference = self.reference(row, replies[-1])
         if self.template is None:
             text, spans = self.fallback_render(turns)
             prefix = self.bos
@@ -488,9 +523,10 @@ class _Encoder:
         if text.rstrip().endswith(self.eos_text):
             # End at that EOS, as every other example does: whitespace after it is never generated.
             ids, labels, _ = self.tokenize(prefix, text.rstrip(), spans)
-            return self.finish(ids, labels, None)
+            return self.finish(ids, labels, None, reference=reference)
         ids, labels, _ = self.tokenize(prefix, text, spans)
-        return self.finish(ids, labels, self.eos_id if turns[-1]["role"] == "assistant" else IGNORE_INDEX)
+        eos_label = self.eos_id if turns[-1]["role"] == "assistant" else IGNORE_INDEX
+        return self.finish(ids, labels, eos_label, reference=reference)
 
     def fallback_render(self, turns: list[dict[str, str]]) -> tuple[str, list[Span]]:
         """Turns as a "### Role:" line and the content; an assistant turn and its closing EOS carry loss."""

@@ -1,9 +1,9 @@
 """Evaluation: loss, perplexity and token accuracy; for classification, label accuracy, precision,
-recall and macro F1.
+recall and macro F1; with evaluation.generation, answerAccuracy (greedy replies against references).
 
 Every rank evaluates its share and the sums are all-reduced. Ranks run the same number of forward
 passes (short shares are padded with batches that carry no loss), because under ZeRO-3 every
-forward is a collective.
+forward is a collective; for the same reason generation decodes in lockstep there (synced_gpus).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from finetune_trainer.collectives import largest
+from finetune_trainer.config import GenerationConfig
 from finetune_trainer.data import IGNORE_INDEX, Example, check_labels
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
@@ -41,6 +42,17 @@ def answer_matches(reply: str, reference: str, match: str) -> bool:
     if match == "exact":
         return got == wanted
     return f" {wanted} " in f" {got} "
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What answerAccuracy needs besides the engine: the settings, the tokenizer that pads prompts and
+    decodes replies, and whether ranks decode in lockstep (ZeRO-3: every forward gathers parameters
+    from all ranks, so a rank whose replies ended early must keep stepping with the others)."""
+
+    settings: GenerationConfig
+    tokenizer: Any
+    synced: bool
 
 
 @dataclass(frozen=True)
@@ -150,9 +162,12 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     labels: LabelSet | None = None,
+    generation: Generation | None = None,
+    beat: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Metrics over the whole evaluation set, each rank taking every world-size-th example; the same
-    numbers on every rank."""
+    numbers on every rank. ``beat`` is called after each generated batch: generation can take longer
+    than the stall timeout."""
     share = examples[dist.get_rank() :: dist.get_world_size()]
     engine.eval()
     try:
@@ -166,9 +181,86 @@ def evaluate(
         }
         if labels is not None and labels.names:
             metrics |= _classify(engine, share, examples, labels, collate, device)
+        if generation is not None:
+            metrics |= _answer_accuracy(engine, share, examples, generation, batch_size, device, beat)
     finally:
         engine.train()
     return metrics
+
+
+def left_padded(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask with the padding on the left, so that every row's reply starts at
+    the same column."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS and the model's own end tokens (an instruct model often ends a turn with
+    another token than its EOS, listed in generation_config.json)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(token for token in listed if isinstance(token, int))})
+
+
+@torch.no_grad()
+def _replies(engine: Any, batch: list[Example], generation: Generation, device: torch.device) -> list[str]:
+    """Greedy replies to the batch's prompts, up to max_new_tokens each, each ending at its stop token.
+
+    use_cache is asked for here, per call: gradient checkpointing turns it off in the model's
+    configuration, which training needs as it is."""
+    tokenizer = generation.tokenizer
+    model = engine.module
+    prompts = [example.input_ids[: example.prompt_length] for example in batch]
+    inputs = {k: v.to(device) for k, v in left_padded(prompts, tokenizer.pad_token_id).items()}
+    output = model.generate(
+        **inputs,
+        max_new_tokens=generation.settings.max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=_stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=generation.synced,
+    )
+    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _answer_accuracy(
+    engine: Any,
+    share: list[Example],
+    examples: list[Example],
+    generation: Generation,
+    batch_size: int,
+    device: torch.device,
+    beat: Callable[[], None],
+) -> dict[str, float]:
+    """answerAccuracy: the share of evaluation rows with a prompt whose reply matches their reference.
+
+    Rows whose prompt did not fit in maxSeqLength are not asked. Ranks make the same number of generate
+    calls: a short share is padded with batches of one filler row, whose replies are not counted."""
+    asked = [example for example in share if example.prompt_length is not None]
+    filler = next((example for example in examples if example.prompt_length is not None), None)
+    if filler is None:  # every rank holds the same examples, so every rank skips alike
+        return {}
+    batches = [asked[i : i + batch_size] for i in range(0, len(asked), batch_size)]
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # [matched, asked]
+    for index in range(largest(len(batches), device)):
+        batch = batches[index] if index < len(batches) else [filler]
+        replies = _replies(engine, batch, generation, device)
+        beat()
+        if index < len(batches):
+            matched = sum(
+                answer_matches(reply, example.reference or "", generation.settings.match)
+                for reply, example in zip(replies, batch, strict=True)
+            )
+            counts += torch.tensor([matched, len(batch)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return {"answerAccuracy": (counts[0] / counts[1]).item()}
 
 
 def _classify(

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,12 +33,12 @@ from finetune_trainer.collectives import any_rank, every_rank
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
 from finetune_trainer.errors import NonRetryableError, RetryableError
-from finetune_trainer.evaluation import LabelSet, evaluate
+from finetune_trainer.evaluation import Generation, LabelSet, evaluate
 from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
 from finetune_trainer.modeling import load_model, load_tokenizer
 from finetune_trainer.outputs import LOG_UPLOAD_SECONDS, gate_failure, upload_log, write_outputs
-from finetune_trainer.reporting import History, Progress, ProgressServer
+from finetune_trainer.reporting import History, Progress, ProgressServer, TrainingTime
 from finetune_trainer.storage import (
     AccessDeniedError,
     ObjectNotFoundError,
@@ -80,6 +79,9 @@ class LoopState:
     best_eval_loss: float | None = None
     evaluations_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The evaluation of the model before its first step (also history step 0): carried so that a resumed
+    # run still reports what the fine-tune started from.
+    base_metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_client_state(cls, client_state: dict[str, Any]) -> LoopState:
@@ -252,10 +254,10 @@ class FinetuneRecipe:
         self.progress.update(
             total_steps=plan.total_steps,
             step=state.step,
+            base_metrics=state.base_metrics,
             checkpoints=list(self.checkpointer.completed),
             latest_checkpoint=self.checkpointer.completed[-1] if self.checkpointer.completed else None,
             training=True,
-            started=time.monotonic(),
         )
         batches = micro_batches(
             self.train_examples,
@@ -266,9 +268,13 @@ class FinetuneRecipe:
         )
         loss_sum = torch.zeros((), device=ranks.device, dtype=torch.float64)
         tokens = torch.zeros((), device=ranks.device, dtype=torch.float64)
-        window_start, window_steps = time.monotonic(), 0
         self.engine.train()
         self.gang.training_started()
+        if self.eval_examples and state.step == 0:  # a fresh start, not a resume
+            self._evaluate_base()
+        # Throughput and the ETA count training only: evaluations and checkpoint saves are paused time.
+        sync = torch.cuda.synchronize if ranks.device.type == "cuda" else None
+        clock, window_steps = TrainingTime(sync=sync), 0
         while state.step < plan.total_steps:
             if fault_point("step", state.step):
                 poison(self.engine.module)
@@ -282,21 +288,25 @@ class FinetuneRecipe:
             reseed(hp.seed, ranks.rank, step)
             if step % self.log_every == 0 or step == plan.total_steps:
                 fault_point("log", step)
-                self._log(loss_sum, tokens, time.monotonic() - window_start, window_steps)
+                self._log(loss_sum, tokens, clock.lap(), window_steps)
                 loss_sum.zero_()
                 tokens.zero_()
-                window_start, window_steps = time.monotonic(), 0
+                window_steps = 0
                 self._record_finished_checkpoint(wait=False)
             evaluate_now = (
                 self.eval_examples
                 and config.evaluation.every_steps
                 and step % config.evaluation.every_steps == 0
             )
-            if evaluate_now and step < plan.total_steps and self._evaluate_and_should_stop():
-                break
+            if evaluate_now and step < plan.total_steps:
+                with clock.paused():
+                    stop_early = self._evaluate_and_should_stop()
+                if stop_early:
+                    break
             if step % config.output.checkpoint_every_steps == 0 and step < plan.total_steps:
-                self._check_finite(loss_sum)
-                self.save_checkpoint()
+                with clock.paused():
+                    self._check_finite(loss_sum)
+                    self.save_checkpoint()
             # Ranks agree on stopping at log steps only: no host sync on every step.
             if step % self.log_every == 0:
                 fault_point("stop-check", step)
@@ -339,6 +349,7 @@ class FinetuneRecipe:
         if not math.isfinite(train_loss):
             self._non_finite_loss(train_loss)
         tokens_per_second = totals[1].item() / max(seconds, 1e-9)
+        self.progress.timed_steps(steps, seconds)
         learning_rate = self.engine.lr_scheduler.get_last_lr()[0]
         self.history.record(
             self.state.step,
@@ -358,10 +369,16 @@ class FinetuneRecipe:
                 self.state.step, self.plan.total_steps, train_loss, learning_rate, tokens_per_second,
             )  # fmt: skip
 
-    def _evaluate_and_should_stop(self) -> bool:
-        """Evaluates; True when early stopping's patience has run out."""
+    def _evaluate(self) -> dict[str, float]:
+        """The evaluation set's finite metrics, recorded in the history at this step."""
         fault_point("evaluate", self.state.step)
         self.gang.beat()
+        settings = self.config.evaluation.generation
+        generation = (
+            Generation(settings, self.tokenizer, synced=self.config.deepspeed.zero_stage == 3)
+            if settings is not None
+            else None
+        )
         metrics = evaluate(
             self.engine,
             self.eval_examples,
@@ -369,16 +386,33 @@ class FinetuneRecipe:
             self.hp.batch_size_per_device,
             self.ranks.device,
             self.labels,
+            generation,
+            self.gang.beat,
         )
         self.gang.beat()
         metrics, notes = finite_metrics(metrics)
         for note in notes:
             logger.warning("step %d evaluation: %s", self.state.step, note)
-        self.last_eval = metrics
         self.history.record(self.state.step, **metrics)
-        self.progress.update(eval_metrics=metrics)
         if self.ranks.rank == 0:
             logger.info("step %d evaluation: %s", self.state.step, json.dumps(metrics))
+        return metrics
+
+    def _evaluate_base(self) -> None:
+        """The model before its first step: history step 0 and the base metrics (/progress baseMetrics),
+        what the fine-tune's metrics are compared with. Its evalLoss is early stopping's first best, so
+        patience counts evaluations that do not beat the base model either; it is no evaluation without
+        improvement itself, and not the trained model's evalMetrics or final metrics."""
+        metrics = self._evaluate()
+        self.state.base_metrics = metrics
+        self.state.best_eval_loss = metrics.get("evalLoss")
+        self.progress.update(base_metrics=metrics)
+
+    def _evaluate_and_should_stop(self) -> bool:
+        """Evaluates the model being trained; True when early stopping's patience has run out."""
+        metrics = self._evaluate()
+        self.last_eval = metrics
+        self.progress.update(eval_metrics=metrics)
         state = self.state
         if "evalLoss" not in metrics:
             return False

@@ -11,6 +11,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,6 +22,68 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from finetune_trainer.summary import finite_metrics
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingTime:
+    """Seconds spent training, with evaluations and checkpoint saves left out (``paused()``): what
+    tokens/s and the ETA divide by, so that a window with an evaluation in it does not look slow.
+
+    ``sync`` (torch.cuda.synchronize on GPUs) runs before each reading: steps only queue device work, and
+    what is still queued when a pause starts is training time."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, sync: Callable[[], None] | None = None
+    ) -> None:
+        self._clock = clock
+        self._sync = sync
+        self._lap_start = clock()
+        self._paused = 0.0
+
+    def _now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return self._clock()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """What runs inside is not training time."""
+        start = self._now()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - start
+
+    def lap(self) -> float:
+        """Training seconds since the previous lap (or since this clock was made)."""
+        now = self._now()
+        seconds = now - self._lap_start - self._paused
+        self._lap_start, self._paused = now, 0.0
+        return seconds
+
+
+# How quickly the ETA follows a change of pace: a step's weight halves over this many later steps.
+ETA_HALF_LIFE_STEPS = 20.0
+
+
+@dataclass
+class StepRate:
+    """Seconds per optimizer step for the ETA, from this attempt's training time only (a resumed run
+    starts afresh, evaluation pauses never count): an exponential moving average over steps, with
+    Adam's bias correction so that the first windows are averaged instead of the first one (often slow:
+    allocation, warm-up) dominating. An average, not the latest window: the ETA should not jump."""
+
+    weighted: float = 0.0
+    weight: float = 0.0
+
+    def observe(self, steps: int, seconds: float) -> None:
+        """A log window: ``steps`` (at least one) optimizer steps in ``seconds`` of training time."""
+        decay = 0.5 ** (steps / ETA_HALF_LIFE_STEPS)
+        self.weighted = decay * self.weighted + (1 - decay) * seconds / steps
+        self.weight = decay * self.weight + (1 - decay)
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.weighted / self.weight if self.weight else None
 
 
 @dataclass
@@ -32,10 +96,12 @@ class Progress:
     tokens_per_second: float | None = None
     train_loss: float | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    # The evaluation of the model before its first step (history step 0), when the run has one.
+    base_metrics: dict[str, float] = field(default_factory=dict)
     latest_checkpoint: dict[str, Any] | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     training: bool = False
-    started: float = field(default_factory=time.monotonic)
+    rate: StepRate = field(default_factory=StepRate)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **values: Any) -> None:
@@ -43,13 +109,19 @@ class Progress:
             for key, value in values.items():
                 setattr(self, key, value)
 
+    def timed_steps(self, steps: int, seconds: float) -> None:
+        """``steps`` optimizer steps took ``seconds`` of training time (for the ETA)."""
+        with self.lock:
+            self.rate.observe(steps, seconds)
+
     def snapshot(self) -> dict[str, Any]:
-        """The /progress document (camelCase, like the FinetuneJob status it feeds)."""
+        """The /progress document (camelCase, like the FinetuneJob status it feeds). etaSeconds is the
+        remaining steps at the average pace (StepRate): training time, evaluations not included."""
         with self.lock:
             eta = None
-            if self.training and self.step > 0 and self.total_steps > self.step:
-                elapsed = time.monotonic() - self.started
-                eta = int(elapsed / self.step * (self.total_steps - self.step))
+            seconds_per_step = self.rate.seconds_per_step
+            if self.training and seconds_per_step is not None and self.total_steps > self.step:
+                eta = round(seconds_per_step * (self.total_steps - self.step))
             reported = {"tokensPerSecond": self.tokens_per_second, "trainLoss": self.train_loss}
             numbers, notes = finite_metrics(
                 {k: v for k, v in (reported | self.eval_metrics).items() if v is not None}
@@ -63,6 +135,7 @@ class Progress:
                 "etaSeconds": eta,
                 "trainLoss": numbers.get("trainLoss"),
                 "evalMetrics": {k: numbers[k] for k in self.eval_metrics if k in numbers},
+                "baseMetrics": finite_metrics(self.base_metrics)[0],
                 **({"notes": notes} if notes else {}),
                 "latestCheckpoint": self.latest_checkpoint,
                 "checkpoints": list(self.checkpoints),
