@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from finetune_trainer.config import TrainerConfig
 from finetune_trainer.evaluation import normalise_answer
 from finetune_trainer.launch import descendants
 from finetune_trainer.summary import (
@@ -32,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.s3server import S3Server, s3_server
 from tests.trainer_runs import (
     Run,
+    finish_trainer,
     put_jsonl,
     run_trainer,
     s3_client,
@@ -590,8 +592,12 @@ def _greedy_replies(model_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     return replies
 
 
-def _poll_progress(process: Any, port: int) -> list[dict[str, Any]]:
-    """Every /progress document served until the trainer exits."""
+def _run_with_progress(
+    config: TrainerConfig, workdir: Path, endpoint: str
+) -> tuple[Run, list[dict[str, Any]]]:
+    """Runs the trainer on 2 ranks, collecting every /progress document it serves until it exits."""
+    process, termination = start_trainer(config, workdir, endpoint, processes=2)
+    port = json.loads((workdir / "config.json").read_text())["reporting"]["progressPort"]
     documents = []
     while process.poll() is None:
         try:
@@ -600,7 +606,7 @@ def _poll_progress(process: Any, port: int) -> list[dict[str, Any]]:
         except OSError:
             pass
         time.sleep(0.2)
-    return documents
+    return finish_trainer(process, termination, workdir), documents
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -631,14 +637,7 @@ def test_answer_accuracy_is_measured_before_training_and_after(
         hyperparameters={"batchSizePerDevice": 2, "gradientCheckpointing": True},
         evaluation={"everySteps": 3, "generation": {"maxNewTokens": GENERATION_TOKENS, "match": "contains"}},
     )
-    process, termination = start_trainer(config, tmp_path / "first", server.endpoint, processes=2)
-    port = json.loads((tmp_path / "first" / "config.json").read_text())["reporting"]["progressPort"]
-    documents = _poll_progress(process, port)
-    first = Run(
-        process.wait(),
-        parse_termination_message(termination.read_text()),
-        (tmp_path / "first" / "trainer.log").read_text(),
-    )
+    first, documents = _run_with_progress(config, tmp_path / "first", server.endpoint)
     succeeded(first)
     history = get_json(server, f"out/{name}/metrics.json")["history"]
     evaluations = [e for e in history if "answerAccuracy" in e]
@@ -661,14 +660,7 @@ def test_answer_accuracy_is_measured_before_training_and_after(
     longer = config.model_copy(
         update={"hyperparameters": config.hyperparameters.model_copy(update={"max_steps": 8})}
     )
-    process, termination = start_trainer(longer, tmp_path / "second", server.endpoint, processes=2)
-    port = json.loads((tmp_path / "second" / "config.json").read_text())["reporting"]["progressPort"]
-    documents = _poll_progress(process, port)
-    second = Run(
-        process.wait(),
-        parse_termination_message(termination.read_text()),
-        (tmp_path / "second" / "trainer.log").read_text(),
-    )
+    second, documents = _run_with_progress(longer, tmp_path / "second", server.endpoint)
     succeeded(second)
     assert f"resumed from s3://{BUCKET}/out/{name}/checkpoints/step-3/" in second.log
     assert "step 0 evaluation" not in second.log

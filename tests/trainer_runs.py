@@ -128,6 +128,13 @@ def run_trainer(
     config: TrainerConfig, workdir: Path, endpoint: str, processes: int = 2, timeout: float = 300
 ) -> Run:
     process, termination = start_trainer(config, workdir, endpoint, processes)
+    return finish_trainer(process, termination, workdir, timeout)
+
+
+def finish_trainer(
+    process: subprocess.Popen[str], termination: Path, workdir: Path, timeout: float = 300
+) -> Run:
+    """Waits for a trainer start_trainer started: its exit code, termination message and log."""
     code = process.wait(timeout)
     text = termination.read_text() if termination.exists() else None
     return Run(code, parse_termination_message(text), (workdir / "trainer.log").read_text())
