@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from finetune_operator.api.validation import MAX_FILE_BYTES
-from finetune_operator.cli import main
+
+from tests.test_validate import run_cli
 
 HOSTILE = Path(__file__).resolve().parent / "data" / "hostile"
 EXPECTED: dict[str, dict[str, Any]] = yaml.safe_load((HOSTILE / "expected.yaml").read_text())
@@ -24,9 +25,8 @@ EXPECTED: dict[str, dict[str, Any]] = yaml.safe_load((HOSTILE / "expected.yaml")
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, float]:
     started = time.monotonic()
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err, time.monotonic() - started
+    code, out = run_cli(capsys, *argv)
+    return code, out, time.monotonic() - started
 
 
 def test_every_hostile_file_has_an_expectation() -> None:

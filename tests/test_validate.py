@@ -427,10 +427,15 @@ def write(tmp_path: Path, document: dict[str, Any] | str, name: str = "job.yaml"
     return path
 
 
-def validate(capsys: pytest.CaptureFixture[str], *files: str | Path) -> tuple[int, str]:
-    code = main(["validate", *map(str, files)])
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """`finetune ARGV...` in this process: (exit code, stdout and stderr)."""
+    code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+def validate(capsys: pytest.CaptureFixture[str], *files: str | Path) -> tuple[int, str]:
+    return run_cli(capsys, "validate", *map(str, files))
 
 
 def console_script() -> str:

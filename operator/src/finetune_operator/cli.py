@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,19 @@ from typing import Any
 
 import yaml
 
+from finetune_operator.api.memory_fit import (
+    DEFAULT_GPU_MEMORY,
+    MODEL_CONFIG_ANNOTATION,
+    FitReport,
+    ModelConfigError,
+    ModelShape,
+    Plan,
+    annotation_value,
+    check_fit,
+    gib,
+    gpu_memory_for,
+    parse_memory,
+)
 from finetune_operator.api.spec import FinetuneJob
 from finetune_operator.api.validation import (
     MAX_FILE_BYTES,
@@ -49,6 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             reports.append(DocumentReport(source, 0, skipped="unreadable"))
     checked = [r for r in reports if r.skipped is None]
     invalid = [r for r in checked if r.issues]
+    misfits = 0
     for report in reports:
         if report.skipped == "unreadable":
             continue
@@ -61,11 +76,154 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  {issue}")
         else:
             print(f"{report.label}: valid")
+            if args.fit and report.job is not None:
+                lines, fits = fit_lines(report.job, args.store, args.gpu_memory)
+                print("\n".join(f"  {line}" for line in lines))
+                misfits += not fits
     unreadable = [r for r in reports if r.skipped == "unreadable"]
     print(
         f"{len(checked)} FinetuneJob(s) checked: {len(checked) - len(invalid)} valid, {len(invalid)} invalid"
+        + (f", {misfits} clearly too big for their GPUs" if args.fit else "")
     )
-    return 1 if invalid or unreadable or not checked else 0
+    return 1 if invalid or unreadable or not checked or misfits else 0
+
+
+# The most of a config.json read (real ones are a few KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def read_model_config(job: FinetuneJob, store: Path | None) -> tuple[dict[str, Any] | None, str]:
+    """(the model's config.json, where it was read) or (None, why it could not be read, in one line).
+
+    With ``store`` the folder DIR/bucket/key is s3://bucket/key (as ``finetune run --store``); otherwise
+    S3 through boto3's default credential chain and the spec's endpoint and region, with short timeouts:
+    an unreachable store is a line of output, not a hang."""
+    uri = job.spec.model.uri.rstrip("/") + "/config.json"
+    try:
+        if store is not None:
+            bucket, key = _split_s3(uri)
+            with (store / bucket / key).open("rb") as file:
+                data = file.read(MAX_CONFIG_BYTES + 1)
+            where = str(store / bucket / key)
+        else:
+            data, where = _read_s3(job, uri), uri
+    except OSError as error:
+        return None, f"cannot read {uri}: {getattr(error, 'strerror', None) or error}"
+    except Exception as error:  # boto3's and botocore's errors: any of them is "unreachable" here
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return None, f"cannot read {uri}: {reason}"
+    if len(data) > MAX_CONFIG_BYTES:
+        return None, f"{where}: larger than {MAX_CONFIG_BYTES} bytes, not a config.json"
+    try:
+        config = json.loads(data)
+    except ValueError as error:
+        return None, f"{where}: not JSON ({error})"
+    if not isinstance(config, dict):
+        return None, f"{where}: expected a JSON object, got {type(config).__name__}"
+    return config, where
+
+
+def _read_s3(job: FinetuneJob, uri: str) -> bytes:
+    import boto3
+    from botocore.config import Config
+
+    storage = job.spec.storage
+    client = boto3.client(
+        "s3",
+        endpoint_url=storage.endpoint or None,
+        region_name=storage.region or None,
+        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}),
+    )
+    bucket, key = _split_s3(uri)
+    body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_CONFIG_BYTES}")["Body"]
+    return body.read(MAX_CONFIG_BYTES + 1)
+
+
+def fit_lines(job: FinetuneJob, store: Path | None, gpu_memory: int | None) -> tuple[list[str], bool]:
+    """What --fit prints for one job, and False when it clearly does not fit (above 100 %)."""
+    config, where = read_model_config(job, store)
+    lines: list[str] = []
+    shape: ModelShape | None = None
+    if config is not None:
+        try:
+            shape = ModelShape.from_config(config, where)
+        except ModelConfigError as error:
+            lines.append(f"memory fit: unknown: {error}")
+    else:
+        lines.append(f"memory fit: {where}")
+    declared = job.metadata.annotations.get(MODEL_CONFIG_ANNOTATION)
+    if shape is None and declared is not None:
+        try:
+            shape = ModelShape.from_config(json.loads(declared), f"annotation {MODEL_CONFIG_ANNOTATION}")
+        except (ValueError, ModelConfigError) as error:
+            lines.append(f"memory fit: unknown: {error}")
+            return lines, True
+        lines.append(f"memory fit: using the model shape of annotation {MODEL_CONFIG_ANNOTATION}")
+    if shape is None:
+        lines.append("memory fit: unknown (no model shape); the job was not checked")
+        return lines, True
+    if job.spec.resources.gpus_per_node == 0:
+        lines.append("memory fit: not applicable: spec.resources.gpusPerNode 0 trains on CPUs")
+        return lines, True
+    if gpu_memory is not None:
+        memory, origin = gpu_memory, f"{gib(gpu_memory)}, from --gpu-memory"
+    else:
+        found, origin = gpu_memory_for(job, None)
+        memory = found if found is not None else DEFAULT_GPU_MEMORY
+        if found is None:
+            origin = f"{gib(DEFAULT_GPU_MEMORY)}, the default (an 80 GB A100/H100; set --gpu-memory)"
+    report = check_fit(shape, Plan.from_job(job), memory)
+    lines += _report_lines(report, shape, origin)
+    if config is not None:
+        value = annotation_value(config)
+        if declared is None:
+            lines.append(
+                f"  for the operator's MemoryFit check, annotate the job: "
+                f"{MODEL_CONFIG_ANNOTATION}: '{value}'"
+            )
+        elif _shape_or_none(declared) != shape:
+            lines.append(
+                f"  warning: annotation {MODEL_CONFIG_ANNOTATION} does not match {where}; set it to '{value}'"
+            )
+    return lines, report.fits
+
+
+def _shape_or_none(text: str) -> ModelShape | None:
+    try:
+        return ModelShape.from_config(json.loads(text))
+    except (ValueError, ModelConfigError):
+        return None
+
+
+def _report_lines(report: FitReport, shape: ModelShape, origin: str) -> list[str]:
+    e = report.estimate
+    lines = [
+        f"memory fit: {shape.parameters / 1e9:.2f}B parameters, "
+        f"{e.trainable_parameters / 1e6:.1f}M trainable, "
+        f"{e.world_size} GPU(s); per GPU:"
+    ]
+    lines += [f"  {name:<12}{gib(size):>12}" for name, size in e.terms()]
+    lines.append(f"  {'total':<12}{gib(e.total):>12}   GPU memory: {origin}")
+    if e.ignored_targets:
+        lines.append(
+            f"  LoRA targets not counted (no projection of a Llama block): {', '.join(e.ignored_targets)}"
+        )
+    share = f"{100 * e.total / report.gpu_memory:.0f} %"
+    if report.verdict == "fits":
+        lines.append(f"  fits ({share} of the GPU)")
+    elif report.verdict == "tight":
+        lines.append(f"  tight ({share} of the GPU): it may run out of memory")
+    else:
+        lines.append(f"  does not fit ({share} of the GPU)")
+        for alternative in report.alternatives:
+            verdict = "would fit" if alternative.fits else "not enough"
+            lines.append(f"    {verdict}: {alternative.change}: {gib(alternative.total)}")
+    return lines
 
 
 class _ReadableDumper(yaml.SafeDumper):
@@ -100,6 +258,8 @@ def cmd_render(args: argparse.Namespace) -> int:
                 )
             settings = WorkerSettings(default_image=args.default_image)
             documents += build_gang(job, UNASSIGNED_UID, attempt=0, settings=settings)
+            lines, _ = fit_lines(job, args.store, args.gpu_memory)
+            notes.append(f"# {job.metadata.name or name}:\n" + "".join(f"# {line}\n" for line in lines))
     sys.stdout.write("".join(notes))
     sys.stdout.write(yaml.dump_all(documents, Dumper=_ReadableDumper, sort_keys=False, width=100))
     return 0
@@ -163,6 +323,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir)
 
 
+def _gpu_memory(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpu-memory",
+        type=_gpu_memory,
+        metavar="SIZE",
+        help="memory of one GPU, e.g. 80GiB, 40GB or 81559MiB; default: the job's nodeSelector on "
+        "nvidia.com/gpu.memory, else 80GiB (an A100/H100 80GB)",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        metavar="DIR",
+        help="read the model's config.json from the folder DIR (s3://bucket/key is DIR/bucket/key) "
+        "instead of S3",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune", description="Fine-tune LLMs from one FinetuneJob manifest."
@@ -174,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "files", nargs="+", metavar="FILE", help="YAML files (multi-document allowed); - for stdin"
     )
+    validate.add_argument(
+        "--fit",
+        action="store_true",
+        help="also estimate GPU memory per rank from the model's config.json; exit 1 when a job clearly "
+        "does not fit",
+    )
+    _fit_arguments(validate)
     validate.set_defaults(handler=cmd_validate)
     render = commands.add_parser(
         "render", help="print the Kubernetes objects the operator would create (for review and GitOps diffs)"
@@ -183,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--default-image", default=DEFAULT_TRAINER_IMAGE, help="the operator's default trainer image"
     )
+    _fit_arguments(render)
     render.set_defaults(handler=cmd_render)
     run = commands.add_parser("run", help="run a FinetuneJob on this machine (local GPUs, or CPU processes)")
     run.add_argument("file", metavar="FILE", help="YAML file with the FinetuneJob")

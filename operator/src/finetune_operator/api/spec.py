@@ -732,7 +732,8 @@ class Condition(StatusModel):
 
     type: str = Field(
         description="Condition type: Running, Succeeded, Failed, Suspended, ChildrenDeleted, ReconcileError, "
-        "and Stalled or NonFiniteLoss when the trainer reported one."
+        "MemoryFit (the GPU memory estimate per rank against one GPU's memory; False fails the job with "
+        "InsufficientGPUMemory before any pod), and Stalled or NonFiniteLoss when the trainer reported one."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(

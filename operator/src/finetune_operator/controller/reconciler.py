@@ -49,8 +49,10 @@ class Reconciler:
         metrics: OperatorMetrics,
         post_event: EventPoster,
         poller: ProgressPoller | None = None,
+        gpu_memory: int | None = None,
     ) -> None:
         self.api = api
+        self.gpu_memory = gpu_memory  # bytes of one GPU, for MemoryFit (--gpu-memory)
         self.settings = settings
         self.metrics = metrics
         self.post_event = post_event
@@ -100,6 +102,7 @@ class Reconciler:
             invalid_reasons=reasons,
             status=status,
             previous_pass_failed=key in self._failing,
+            gpu_memory=self.gpu_memory,
         )
 
     async def reconcile(

@@ -18,6 +18,7 @@ import kopf
 from finetune_trainer.config import PROGRESS_PORT
 from prometheus_client import start_http_server
 
+from finetune_operator.api.memory_fit import parse_memory
 from finetune_operator.controller.handlers import OperatorContext, post_event, registry
 from finetune_operator.controller.kube import KubeApi, load_api_client
 from finetune_operator.controller.manifests import (
@@ -34,6 +35,16 @@ def _priority(value: str) -> int:
     if value == "random":
         return random.SystemRandom().randint(1, 2**31 - 1)
     return int(value)
+
+
+def _gpu_memory(text: str) -> int | None:
+    """Bytes of one GPU from "80GiB", "81559MiB" or a bare number of MiB; empty: unknown."""
+    if not text.strip():
+        return None
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("FINETUNE_PROGRESS_PORT", str(PROGRESS_PORT))),
         help="worker 0's /progress and /metrics port in every job (its readiness probe; polled here)",
     )
+    parser.add_argument(
+        "--gpu-memory",
+        type=_gpu_memory,
+        default=env("FINETUNE_GPU_MEMORY", ""),
+        metavar="SIZE",
+        help="memory of one GPU (80GiB, 81559MiB) for the MemoryFit check of jobs that declare their model's "
+        "shape; a job's nodeSelector on nvidia.com/gpu.memory overrides it. Default: unknown (no check)",
+    )
     parser.add_argument("--log-format", choices=["json", "plain"], default=env("FINETUNE_LOG_FORMAT", "json"))
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -112,10 +131,11 @@ def operator_memo(
     metrics: OperatorMetrics,
     poller: ProgressPoller,
     resync_seconds: float,
+    gpu_memory: int | None = None,
 ) -> kopf.Memo:
     """What the kopf handlers run on: the reconciler over the API. The tests build the operator
     through this too, so that what they run is what this runner runs."""
-    reconciler = Reconciler(api, settings, metrics, post_event, poller)
+    reconciler = Reconciler(api, settings, metrics, post_event, poller, gpu_memory=gpu_memory)
     return kopf.Memo(context=OperatorContext(reconciler=reconciler, resync_seconds=resync_seconds))
 
 
@@ -142,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     poller = ProgressPoller(
         interval=args.progress_interval, rate=args.progress_rate, port=settings.progress_port
     )
-    memo = operator_memo(KubeApi(load_api_client()), settings, metrics, poller, args.resync_seconds)
+    memo = operator_memo(
+        KubeApi(load_api_client()), settings, metrics, poller, args.resync_seconds, args.gpu_memory
+    )
     try:
         asyncio.run(
             kopf.operator(

@@ -23,6 +23,13 @@ from finetune_trainer.summary import (
     parse_termination_message,
 )
 
+from finetune_operator.api.memory_fit import (
+    ModelConfigError,
+    Plan,
+    check_fit,
+    gpu_memory_for,
+    shape_from_annotation,
+)
 from finetune_operator.api.spec import Condition, FinetuneJob, FinetuneJobStatus, Phase, WorkersStatus
 from finetune_operator.api.timestamps import format_time, parse_time
 from finetune_operator.controller.observation import PodObservation, ProgressReport, progress_status
@@ -57,6 +64,9 @@ class JobObservation:
     progress_poll_seconds: float | None = None
     # The reconciler's previous pass failed on an API call (its ReconcileError is still current).
     previous_pass_failed: bool = False
+    # The memory of one GPU in bytes (the operator's --gpu-memory), for the MemoryFit condition; a
+    # job's nodeSelector on nvidia.com/gpu.memory overrides it.
+    gpu_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,14 +94,14 @@ class Decision:
 def set_condition(
     conditions: list[Condition],
     type_: str,
-    status: bool,
+    status: bool | None,
     reason: str,
     message: str,
     now: datetime,
     generation: int,
 ) -> list[Condition]:
-    """Conditions with one updated; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
+    """Conditions with one updated (None: Unknown); lastTransitionTime moves only when the status flips."""
+    value = "Unknown" if status is None else "True" if status else "False"
     previous = next((c for c in conditions if c.type == type_), None)
     transition = previous.last_transition_time if previous and previous.status == value else format_time(now)
     updated = Condition(
@@ -214,7 +224,7 @@ class _Builder:
     def phase(self) -> Phase | None:
         return self.status.phase
 
-    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+    def condition(self, type_: str, status: bool | None, reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
             self.status.conditions, type_, status, reason, message, self.now, self.observed.generation
         )
@@ -318,6 +328,15 @@ def _next_step(b: _Builder, pods: list[PodObservation]) -> Decision:
         b.condition("Suspended", False, "Resumed", "resumed from the newest complete checkpoint")
         b.decision.events.append(Event("Normal", "Resumed", "resuming from the newest complete checkpoint"))
 
+    fit = memory_fit(job, observed.gpu_memory)
+    if fit is not None:
+        b.condition("MemoryFit", *fit)
+        # Before any pod of the job ran (also after a resume: resources may change while suspended),
+        # never a gang that runs or ran: the estimate is an estimate.
+        if fit[0] is False and not pods and not b.status.start_time:
+            b.fail(INSUFFICIENT_GPU_MEMORY, f"the job does not fit in GPU memory: {fit[2]}")
+            return b.decision
+
     started_at = _time(b.status.start_time)
     if started_at is None and b.status.start_time:  # unreadable: the deadline counts from now
         b.status.start_time = format_time(now)
@@ -408,6 +427,36 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
         if reported.checkpoints:
             b.status.checkpoints = reported.checkpoints
     return b.decision
+
+
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+
+
+def memory_fit(job: FinetuneJob, gpu_memory: int | None) -> tuple[bool | None, str, str] | None:
+    """The MemoryFit condition (status, reason, message), or None for a job that declares no model shape
+    (annotation finetune.dev/model-config) or trains on CPUs: the estimate of api/memory_fit.py.
+
+    False only when the estimate is above 100 % of the GPU: then the job fails before a pod exists."""
+    if job.spec.resources.gpus_per_node == 0:
+        return None
+    try:
+        shape = shape_from_annotation(job)
+    except ModelConfigError as error:
+        return None, "InvalidModelShape", _shorten(str(error), MAX_ERROR_CHARS)
+    if shape is None:
+        return None
+    memory, origin = gpu_memory_for(job, gpu_memory)
+    if memory is None:
+        return (
+            None,
+            "UnknownGPUMemory",
+            "no GPU memory known: set the operator's --gpu-memory (Helm gpuMemory) or a nodeSelector on "
+            "nvidia.com/gpu.memory",
+        )
+    report = check_fit(shape, Plan.from_job(job), memory)
+    message = _shorten(f"{report.summary}; GPU memory: {origin}", MAX_ERROR_CHARS)
+    reason = {"fits": "Fits", "tight": "Tight", "does-not-fit": "DoesNotFit"}[report.verdict]
+    return report.fits, reason, message
 
 
 def rejected_prefix(output_uri: str) -> str:
