@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -115,16 +115,23 @@ class _Unusable(Exception):
 
 
 def load_rows(path: Path) -> list[dict[str, Any] | UnreadableRow]:
-    """Every row of a .jsonl or .parquet file.
+    """Every row of a .jsonl or .parquet file, in memory: :func:`iter_rows` as a list (small files, tests)."""
+    return list(iter_rows(path))
+
+
+def iter_rows(
+    path: Path, parquet_batch_rows: int = _PARQUET_BATCH_ROWS
+) -> Iterator[dict[str, Any] | UnreadableRow]:
+    """The rows of a .jsonl or .parquet file, one at a time: memory is bounded by a line or a parquet batch.
 
     A broken .jsonl line becomes an :class:`UnreadableRow` that :func:`prepare` reports; blank lines at
     the end of the file are ignored, blank lines elsewhere are unreadable rows. A row over
     :data:`MAX_ROW_BYTES` is an unreadable row too, found before it is parsed.
     """
     if path.suffix == ".jsonl":
-        return _load_jsonl(path)
+        return _iter_jsonl(path)
     if path.suffix == ".parquet":
-        return _load_parquet(path)
+        return _iter_parquet(path, parquet_batch_rows)
     raise DataError(f"{path.name}: unknown file type {path.suffix!r} (expected .jsonl or .parquet)")
 
 
@@ -139,48 +146,49 @@ def _lines(file: BinaryIO) -> Iterator[bytes | None]:
         yield None
 
 
-def _load_jsonl(path: Path) -> list[dict[str, Any] | UnreadableRow]:
-    rows: list[dict[str, Any] | UnreadableRow] = []
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any] | UnreadableRow]:
+    blank = UnreadableRow("blank line")
+    pending_blanks = 0  # held back until a row follows them: blank lines at the end are no rows
     try:
         with path.open("rb") as file:
             for line in _lines(file):
+                if line is not None and not line.strip():
+                    pending_blanks += 1
+                    continue
+                yield from [blank] * pending_blanks
+                pending_blanks = 0
                 if line is None:
-                    rows.append(UnreadableRow(OVERSIZED_ROW))
+                    yield UnreadableRow(OVERSIZED_ROW)
                     continue
                 try:
                     value = json.loads(line)
-                except ValueError:  # also bad UTF-8, and a blank line
-                    rows.append(UnreadableRow("blank line" if not line.strip() else "invalid JSON"))
+                except ValueError:  # also bad UTF-8
+                    yield UnreadableRow("invalid JSON")
                     continue
-                rows.append(value if isinstance(value, dict) else UnreadableRow("line is not a JSON object"))
+                yield value if isinstance(value, dict) else UnreadableRow("line is not a JSON object")
     except OSError as error:
         raise DataError(f"cannot read {path.name}: {error}") from error
-    while rows and rows[-1] == UnreadableRow("blank line"):
-        rows.pop()
-    return rows
 
 
-def _load_parquet(path: Path) -> list[dict[str, Any] | UnreadableRow]:
+def _iter_parquet(path: Path, batch_rows: int) -> Iterator[dict[str, Any] | UnreadableRow]:
     """Batch by batch; a row whose values are over MAX_ROW_BYTES is never converted to Python."""
     import pyarrow.parquet as pq
 
-    rows: list[dict[str, Any] | UnreadableRow] = []
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+        # pre_buffer (pyarrow's default) reads ahead the whole file's column chunks: 99 MB held for a 100 MB
+        # file. Without it, and with one reader thread, a row group's pages are read as they are decoded.
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=MIB)
+        for batch in parquet.iter_batches(batch_size=batch_rows, use_threads=False):
             sizes = _row_bytes(batch)
             oversized = [index for index, size in enumerate(sizes) if size > MAX_ROW_BYTES]
-            if not oversized:
-                rows.extend(batch.to_pylist())
-                continue
             start = 0
             for index in [*oversized, len(sizes)]:
-                rows.extend(batch.slice(start, index - start).to_pylist())
+                yield from batch.slice(start, index - start).to_pylist()
                 if index < len(sizes):
-                    rows.append(UnreadableRow(OVERSIZED_ROW))
+                    yield UnreadableRow(OVERSIZED_ROW)
                 start = index + 1
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"cannot read {path.name}: {error}") from error
-    return rows
 
 
 def _row_bytes(batch: Any) -> list[int]:
@@ -239,27 +247,50 @@ def _value_bytes(array: Any) -> Any:
     return np.array([len(json.dumps(value.as_py(), default=str)) for value in array], dtype=np.int64)
 
 
+class Tally:
+    """The running report of :func:`encode_rows`: what a :class:`DataReport` says, counted as rows pass."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.usable = 0
+        self.truncated = 0
+        self.problems: defaultdict[str, list[int]] = defaultdict(list)
+
+    def report(self) -> DataReport:
+        return DataReport(self.total, self.usable, dict(self.problems), self.truncated)
+
+
+def encode_rows(
+    rows: Iterable[Mapping[str, Any] | UnreadableRow],
+    dataset: DatasetConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    tally: Tally,
+) -> Iterator[tuple[int, Example]]:
+    """(1-based row number, Example) of each usable row, one at a time; the others go to ``tally``."""
+    encoder = _Encoder(dataset, tokenizer)
+    for number, row in enumerate(rows, start=1):
+        tally.total = number
+        try:
+            if isinstance(row, UnreadableRow):
+                raise _Unusable(row.reason)
+            example, was_truncated = encoder.encode(row)
+        except _Unusable as problem:
+            tally.problems[str(problem)].append(number)
+            continue
+        tally.usable += 1
+        tally.truncated += was_truncated
+        yield number, example
+
+
 def prepare(
     rows: Sequence[Mapping[str, Any] | UnreadableRow],
     dataset: DatasetConfig,
     tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[list[Example], DataReport]:
     """Tokenizes the usable rows (truncated to ``dataset.max_seq_length``) and reports the others."""
-    encoder = _Encoder(dataset, tokenizer)
-    examples: list[Example] = []
-    problems: defaultdict[str, list[int]] = defaultdict(list)
-    truncated = 0
-    for number, row in enumerate(rows, start=1):
-        try:
-            if isinstance(row, UnreadableRow):
-                raise _Unusable(row.reason)
-            example, was_truncated = encoder.encode(row)
-        except _Unusable as problem:
-            problems[str(problem)].append(number)
-            continue
-        examples.append(example)
-        truncated += was_truncated
-    return examples, DataReport(len(rows), len(examples), dict(problems), truncated)
+    tally = Tally()
+    examples = [example for _, example in encode_rows(rows, dataset, tokenizer, tally)]
+    return examples, tally.report()
 
 
 def check_usable(report: DataReport, max_unusable_fraction: float = 0.5) -> None:
@@ -273,37 +304,52 @@ def check_usable(report: DataReport, max_unusable_fraction: float = 0.5) -> None
         raise DataError(f"more than {max_unusable_fraction:.0%} of the rows are unusable: {report.summary()}")
 
 
+def eval_flags(count: int, fraction: float, seed: int) -> Iterator[bool]:
+    """For each of ``count`` examples in order, whether it goes to the evaluation split: exactly
+    round(count x fraction) of them, at least one and at most count - 1, chosen uniformly and seeded by
+    selection sampling (Knuth, TAOCP vol. 2, 3.4.2, Algorithm S). One pass holding nothing per example,
+    so the split of a file larger than memory is streamed, and the same however the file is read."""
+    if count < 2:
+        raise DataError(f"evalSplit needs at least 2 usable rows, there are {count}")
+    wanted = min(max(1, round(count * fraction)), count - 1)
+    generator = random.Random(seed)
+    for position in range(count):
+        chosen = generator.random() * (count - position) < wanted
+        wanted -= chosen
+        yield chosen
+
+
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval): a seeded random ``fraction`` for evaluation, at least one, both in input order."""
-    if len(examples) < 2:
-        raise DataError(f"evalSplit needs at least 2 usable rows, there are {len(examples)}")
-    count = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
-    chosen = set(random.Random(seed).sample(range(len(examples)), count))
-    train = [example for index, example in enumerate(examples) if index not in chosen]
-    evaluation = [example for index, example in enumerate(examples) if index in chosen]
+    """(train, eval): a seeded random ``fraction`` for evaluation (:func:`eval_flags`), in input order."""
+    flags = list(eval_flags(len(examples), fraction, seed))
+    train = [example for example, held_out in zip(examples, flags, strict=True) if not held_out]
+    evaluation = [example for example, held_out in zip(examples, flags, strict=True) if held_out]
     return train, evaluation
 
 
-def pack(examples: list[Example], max_seq_length: int, eos_token_id: int) -> list[Example]:
+def pack(examples: Iterable[Example], max_seq_length: int, eos_token_id: int) -> list[Example]:
     """Concatenates consecutive examples into sequences of at most ``max_seq_length`` tokens.
 
     Greedy and order-preserving; each example keeps its own loss mask. Prepared examples end in EOS
     unless truncated; an example that does not is followed by an EOS without loss when another example
     follows it in the same sequence. Attention still crosses example boundaries (plain packing).
     """
-    packed: list[Example] = []
+    return list(iter_pack(examples, max_seq_length, eos_token_id))
+
+
+def iter_pack(examples: Iterable[Example], max_seq_length: int, eos_token_id: int) -> Iterator[Example]:
+    """:func:`pack` one sequence at a time, holding only the one being filled (streamed packing)."""
     ids: list[int] = []
     labels: list[int] = []
     for example in examples:
         separator = [eos_token_id] if ids and ids[-1] != eos_token_id else []
         if ids and len(ids) + len(separator) + len(example.input_ids) > max_seq_length:
-            packed.append(Example(ids, labels))
+            yield Example(ids, labels)
             ids, labels, separator = [], [], []
         ids = ids + separator + example.input_ids
         labels = labels + [IGNORE_INDEX] * len(separator) + example.labels
     if ids:
-        packed.append(Example(ids, labels))
-    return packed
+        yield Example(ids, labels)
 
 
 def collate(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

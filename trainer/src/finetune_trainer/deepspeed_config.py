@@ -61,7 +61,30 @@ def cpu_precision(precision: Precision) -> tuple[Precision, str | None]:
     return "bf16", None
 
 
-def build_deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
+def zero3_buffer_sizes(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3's buffer and reuse settings sized by the model's hidden size (transformers' "auto" rule).
+
+    DeepSpeed's defaults are fixed element counts (reduce bucket and prefetch bucket 5e8, reuse distance
+    1e9): for a model of under 1e9 parameters the reuse distance keeps every gathered parameter alive
+    from the forward to the backward, a whole unpartitioned copy per rank, and the reduce bucket alone is
+    2 GB of fp32. Sized by the hidden size, a rank holds about one block's weights gathered at a time.
+    """
+    square = hidden_size * hidden_size
+    return {
+        "reduce_bucket_size": square,
+        "stage3_prefetch_bucket_size": int(0.9 * square),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_reuse_distance": 4 * square,
+        "stage3_max_live_parameters": 16 * square,
+    }
+
+
+def build_deepspeed_config(
+    config: TrainerConfig, world_size: int, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """The run's DeepSpeed configuration; the same dict goes to ``HfDeepSpeedConfig`` (ZeRO-3 loading
+    partitioned, modeling.load_model) and to ``deepspeed.initialize``. ``hidden_size`` (the model's
+    config.json) sizes ZeRO-3's buffers (:func:`zero3_buffer_sizes`); without it DeepSpeed's defaults."""
     hp = config.hyperparameters
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     if config.deepspeed.zero_stage >= 2:
@@ -69,6 +92,10 @@ def build_deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, 
     if config.deepspeed.zero_stage == 3:
         # Without it, ZeRO-3 saves an empty LoRA adapter (peft#453) and no loadable full model.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size is not None:
+            if hidden_size <= 0:
+                raise NonRetryableError(f"model config.json: hidden_size {hidden_size} is not positive")
+            zero |= zero3_buffer_sizes(hidden_size)
     if config.deepspeed.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.distributed.uses_gpus}
         if config.deepspeed.zero_stage == 3:

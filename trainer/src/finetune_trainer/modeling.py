@@ -242,19 +242,66 @@ def _apply_lora(model: PreTrainedModel, config: TrainerConfig, adapter_dir: Path
     return model
 
 
-def load_model(model_dir: Path, config: TrainerConfig, adapter_dir: Path | None = None) -> PreTrainedModel:
-    """The base model with only the parameters of the chosen method trainable; with ``adapter_dir``
-    (model.adapter's download) LoRA continues that adapter instead of starting a new one."""
-    precision = config.hyperparameters.precision
+# The HfDeepSpeedConfig of a ZeRO-3 run: transformers holds it only by a weak reference (what
+# is_deepspeed_zero3_enabled() and from_pretrained's zero.Init read), so the process keeps it alive.
+_zero3_config: Any = None
+
+
+def model_hidden_size(model_dir: Path) -> int | None:
+    """The model's hidden size from its config.json (``hidden_size``, or a multimodal model's
+    ``text_config``'s), which sizes ZeRO-3's buffers; None when it names none."""
+    try:
+        value = json.loads((model_dir / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None  # load_model reports a missing or broken config.json with the model's URI
+    if not isinstance(value, dict):
+        return None
+    text = value.get("text_config")
+    size = value.get("hidden_size", text.get("hidden_size") if isinstance(text, dict) else None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _loading_kwargs(config: TrainerConfig, zero3: bool) -> dict[str, Any]:
+    """from_pretrained's arguments. transformers 5 always loads the low-memory way (the model built on
+    the meta device, each tensor read from the mmapped safetensors straight into its parameter; its
+    ``low_cpu_mem_usage`` is gone), in the engine's own dtype, so bf16 is never upcast on the host.
+    On GPUs below ZeRO-3 the tensors go straight to this rank's GPU (``device_map``), so the host holds
+    no copy at all; under ZeRO-3 zero.Init places each rank's partition itself."""
     kwargs: dict[str, Any] = {
         "trust_remote_code": config.model.trust_remote_code,
         "attn_implementation": "sdpa",
         # The engine's own precision, on CPUs too (finetune run chose it for the CPU): DeepSpeed casts
         # the parameters to it anyway, so loading in it saves a copy.
-        "dtype": DTYPES[precision],
+        "dtype": DTYPES[config.hyperparameters.precision],
     }
     if config.method.type == "qlora":
         kwargs |= _quantization(config)
+    if not zero3 and config.distributed.uses_gpus and torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs
+
+
+def load_model(
+    model_dir: Path,
+    config: TrainerConfig,
+    adapter_dir: Path | None = None,
+    ds_config: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """The base model with only the parameters of the chosen method trainable; with ``adapter_dir``
+    (model.adapter's download) LoRA continues that adapter instead of starting a new one.
+
+    With ZeRO-3 in ``ds_config`` (the very dict deepspeed.initialize gets) the parameters are created
+    partitioned: ``HfDeepSpeedConfig`` makes from_pretrained build the model under
+    ``deepspeed.zero.Init``, and rank 0 reads each module's tensors and scatters them, so a rank holds
+    its share of the weights, not the whole model. Needs the process group (init_distributed) first.
+    """
+    global _zero3_config
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _zero3_config = HfDeepSpeedConfig(ds_config)
+    kwargs = _loading_kwargs(config, zero3)
     check_model_files(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -262,6 +309,13 @@ def load_model(model_dir: Path, config: TrainerConfig, adapter_dir: Path | None 
         raise NonRetryableError(f"model files in {config.model.uri} are corrupt: {error}") from error
     except (OSError, ValueError) as error:
         raise NonRetryableError(f"cannot load the model from {config.model.uri}: {error}") from error
+    _, total = parameter_counts(model)
+    logger.info(
+        "model loaded: %d parameters, %d bytes of them held by this rank (%s)",
+        total,
+        held_parameter_bytes(model),
+        "partitioned by ZeRO-3" if zero3 else "a whole copy",
+    )
     return apply_method(model, config, adapter_dir)
 
 
@@ -283,7 +337,24 @@ def apply_method(
     return model
 
 
+def full_numel(parameter: torch.nn.Parameter) -> int:
+    """A parameter's element count, also when ZeRO-3 partitioned it (then ``numel()`` is this rank's
+    empty placeholder and ``ds_numel`` the whole tensor's)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
+def held_parameter_bytes(model: torch.nn.Module) -> int:
+    """The bytes of parameter data this rank holds: its ZeRO-3 partition (``ds_tensor``) where a
+    parameter is partitioned, the whole tensor otherwise."""
+    total = 0
+    for parameter in model.parameters():
+        local = getattr(parameter, "ds_tensor", None)
+        data = local if isinstance(local, torch.Tensor) else parameter.data
+        total += data.numel() * data.element_size()
+    return total
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, for throughput and MFU accounting."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters, for throughput and MFU accounting; whole tensors under ZeRO-3."""
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(full_numel(p) for p in model.parameters())

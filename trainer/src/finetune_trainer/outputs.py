@@ -58,8 +58,34 @@ def gate_failure(gate: GateConfig | None, metrics: dict[str, float]) -> str | No
 
 
 def _save_model(config: TrainerConfig, engine: Any, tokenizer: Any, directory: Path, rank: int) -> None:
-    """Every rank takes part (ZeRO-3 gathers the sharded weights); rank 0 writes."""
+    """Every rank takes part (ZeRO-3 gathers the sharded weights); rank 0 writes.
+
+    Under ZeRO-3 no rank gathers more than it writes: a LoRA adapter gathers only the adapter's
+    (trainable) parameters, the frozen base stays partitioned; full weights come from DeepSpeed's
+    consolidated 16-bit state dict, gathered one module at a time onto rank 0 (the other ranks hold a
+    module at a time). Only ``saveMerged`` gathers the whole model on every rank, for peft's merge."""
     module = engine.module
+    if config.deepspeed.zero_stage == 3:
+        # The last evaluation's forward may leave prefetched parameters in flight, which a gather's
+        # re-partitioning refuses ("Cannot partition a param in flight"): settle and release them first.
+        engine.empty_partition_cache()
+    adapter = config.method.type in ADAPTER_METHODS
+    merged = config.output.save_merged and adapter
+    if config.deepspeed.zero_stage == 3 and not merged:
+        if adapter:
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+                if rank == 0:
+                    module.save_pretrained(directory, safe_serialization=True)
+        else:
+            state = engine._zero3_consolidated_16bit_state_dict()  # rank 0's; None on the others
+            if rank == 0:
+                module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+                del state
+        if rank == 0:
+            tokenizer.save_pretrained(directory)
+        dist.barrier()
+        return
     parameters = list(module.parameters())
     gather = config.deepspeed.zero_stage == 3
     context = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None) if gather else nullcontext()
@@ -67,9 +93,9 @@ def _save_model(config: TrainerConfig, engine: Any, tokenizer: Any, directory: P
         if rank == 0:
             module.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
-            if config.output.save_merged and config.method.type in ADAPTER_METHODS:
-                merged = module.merge_and_unload()
-                merged.save_pretrained(directory / "merged", safe_serialization=True)
+            if merged:
+                unloaded = module.merge_and_unload()
+                unloaded.save_pretrained(directory / "merged", safe_serialization=True)
                 tokenizer.save_pretrained(directory / "merged")
     dist.barrier()
 

@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,11 +34,13 @@ from finetune_trainer.checkpointing import Checkpointer
 from finetune_trainer.collectives import any_rank, every_rank
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
+from finetune_trainer.deepspeed_config import build_deepspeed_config, check_with_deepspeed
 from finetune_trainer.errors import NonRetryableError, RetryableError
 from finetune_trainer.evaluation import Generation, LabelSet, evaluate
+from finetune_trainer.example_store import ExampleStore, prepare_dataset, wait_for_dataset
 from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
-from finetune_trainer.modeling import load_model, load_tokenizer
+from finetune_trainer.modeling import load_model, load_tokenizer, model_hidden_size
 from finetune_trainer.outputs import LOG_UPLOAD_SECONDS, gate_failure, upload_log, write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer, TrainingTime
 from finetune_trainer.storage import (
@@ -108,8 +112,8 @@ class FinetuneRecipe:
     ranks: Ranks
     store: ObjectStore
     tokenizer: Any
-    train_examples: list[Example]
-    eval_examples: list[Example]
+    train_examples: ExampleStore  # memory-mapped from the node's disk (example_store.py)
+    eval_examples: Sequence[Example]
     labels: LabelSet | None
     plan: Plan
     engine: Any
@@ -148,15 +152,19 @@ class FinetuneRecipe:
         # Before the engine: a one-label classification run learns nothing (from_examples says so).
         is_classification = config.dataset.format == "classification"
         self.labels = (
-            LabelSet.from_examples(self.train_examples, source=config.dataset.train)
+            LabelSet.from_examples(self.train_examples.label_examples(), source=config.dataset.train)
             if is_classification
             else None
         )
         self.plan = make_plan(config, len(self.train_examples), ranks.world_size)
         reseed(self.hp.seed, ranks.rank, 0)
-        model = load_model(inputs.model_dir, config, inputs.adapter_dir)
+        # One DeepSpeed configuration for both: ZeRO-3 creates the parameters partitioned from it
+        # (HfDeepSpeedConfig) and the engine partitions by it. Judged before a large model is loaded.
+        ds_config = build_deepspeed_config(config, ranks.world_size, model_hidden_size(inputs.model_dir))
+        check_with_deepspeed(ds_config, ranks.world_size)
+        model = load_model(inputs.model_dir, config, inputs.adapter_dir, ds_config)
         fault_point("engine")
-        self.engine = build_engine(config, model, self.plan, ranks)
+        self.engine = build_engine(config, model, self.plan, ranks, ds_config)
         self.checkpointer = Checkpointer(
             self.store,
             config.output.uri,
@@ -190,6 +198,9 @@ class FinetuneRecipe:
         )
 
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            # An earlier attempt's prepared data goes before the rendezvous, so that no rank of this node
+            # can mistake it for this attempt's (the others wait for it in _prepare_data).
+            shutil.rmtree(self._data_dir, ignore_errors=True)
             fault_point("fetch")
             self.store.download_prefix(self.config.model.uri, inputs.model_dir)
             if adapter and inputs.adapter_dir:
@@ -223,25 +234,26 @@ class FinetuneRecipe:
                 "job's credentials may write to it"
             ) from error
 
-    def _prepare_data(self, inputs: Inputs) -> tuple[list[Example], list[Example]]:
-        dataset = self.config.dataset
-        train = self._load_examples(inputs.train_file, "training")
-        evaluation: list[Example] = []
-        if inputs.eval_file is not None:
-            evaluation = self._load_examples(inputs.eval_file, "evaluation")
-        elif dataset.eval_split is not None:
-            train, evaluation = data.split_eval(train, dataset.eval_split, self.hp.seed)
-        if dataset.packing:
-            assert self.tokenizer.eos_token_id is not None
-            train = data.pack(train, dataset.max_seq_length, self.tokenizer.eos_token_id)
-        return train, evaluation
+    @property
+    def _data_dir(self) -> Path:
+        return self.workspace / "data"
 
-    def _load_examples(self, path: Path, what: str) -> list[Example]:
-        rows = data.load_rows(path)
-        examples, report = data.prepare(rows, self.config.dataset, self.tokenizer)
-        logger.info("%s data: %s", what, report.summary())
-        data.check_usable(report)
-        return examples
+    def _prepare_data(self, inputs: Inputs) -> tuple[ExampleStore, Sequence[Example]]:
+        """Local rank 0 streams the data into memory-mapped stores on the node's disk (tokenized, split,
+        packed); the node's other ranks wait for them and read the same files."""
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            prepared = prepare_dataset(
+                self.config.dataset,
+                self.tokenizer,
+                inputs.train_file,
+                inputs.eval_file,
+                self.hp.seed,
+                self._data_dir,
+            )
+            train, evaluation = prepared.train, prepared.eval
+        else:
+            train, evaluation = wait_for_dataset(self._data_dir)
+        return train, evaluation if evaluation is not None else []
 
     def _collate(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         return data.collate(batch, self.tokenizer.pad_token_id)

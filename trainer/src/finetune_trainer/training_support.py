@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -116,10 +116,19 @@ def lr_multiplier(config: TrainerConfig, total_steps: int) -> Callable[[int], fl
     return multiplier
 
 
-def build_engine(config: TrainerConfig, model: torch.nn.Module, plan: Plan, ranks: Ranks) -> Any:
+def build_engine(
+    config: TrainerConfig,
+    model: torch.nn.Module,
+    plan: Plan,
+    ranks: Ranks,
+    ds_config: dict[str, Any] | None = None,
+) -> Any:
+    """The DeepSpeed engine; ``ds_config`` is the configuration the model was loaded with (ZeRO-3
+    loads partitioned by it), built here when not given."""
     hp = config.hyperparameters
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_config = build_deepspeed_config(config, ranks.world_size)
+    if ds_config is None:
+        ds_config = build_deepspeed_config(config, ranks.world_size)
     check_with_deepspeed(ds_config, ranks.world_size)  # a rejected config is not worth a restart
     optimizer = None
     if "optimizer" not in ds_config:  # ZeRO-Offload brings DeepSpeed's CPU Adam instead
@@ -139,16 +148,22 @@ def build_engine(config: TrainerConfig, model: torch.nn.Module, plan: Plan, rank
 
 
 def micro_batches(
-    examples: list[Example], ranks: Ranks, batch_size: int, seed: int, start: int
+    examples: Sequence[Example], ranks: Ranks, batch_size: int, seed: int, start: int
 ) -> Iterator[list[Example]]:
-    """This rank's micro-batches from ``start`` on, forever: a seeded shuffle per epoch."""
+    """This rank's micro-batches from ``start`` on, forever: a seeded shuffle per epoch.
+
+    ``examples`` may be an on-disk ``ExampleStore``, whose slices are views: only a micro-batch's examples
+    are read, and the epoch's order is one int64 tensor, drawn once per epoch."""
     share = examples[ranks.rank :: ranks.world_size][: len(examples) // ranks.world_size]
     per_epoch = len(share) // batch_size
     index = start
+    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
     while True:
         epoch, offset = divmod(index, per_epoch)
-        order = torch.randperm(len(share), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        chosen = order[offset * batch_size : (offset + 1) * batch_size]
+        if epoch != order_epoch:
+            generator = torch.Generator().manual_seed(seed + epoch)
+            order_epoch, order = epoch, torch.randperm(len(share), generator=generator)
+        chosen = order[offset * batch_size : (offset + 1) * batch_size].tolist()
         yield [share[i] for i in chosen]
         index += 1
 
