@@ -46,7 +46,7 @@ LOADED = re.compile(r"rank (\d+) INFO \S+: method \S+: \d+ of \d+ parameters tra
 STEP = re.compile(r"rank 0 INFO \S+: step (\d+)/(\d+) ")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--work", type=Path, default=None, help="keep the store here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def manifest(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -246,7 +246,7 @@ def main() -> None:
                 "model "
                 f"(goal <= 1.25 x: {overhead + 1.25 * model_gib:.2f} GiB)"
             )
-    if "full" in by_method:
+    if "full" in by_method and args.zero == 3:
         largest = 2 * hidden * hidden  # an MLP projection
         estimate = zero3_estimate(params, largest, 2) / GIB
         peak = max(by_method["full"]["peaks"]["whole run"]) / GIB
@@ -273,8 +273,10 @@ def main() -> None:
 
 
 def our_estimate(model_dir: Path, method: str, args: argparse.Namespace) -> int:
-    """finetune validate --fit's estimate for the same job, its tensors only: weights, gradients,
-    optimizer, activations and logits, without the GPU's terms (CUDA context, NCCL, fragmentation)."""
+    """finetune validate --fit's estimate for the same job, what a rank holds on the CPU: weights,
+    gradients, optimizer, buffers, activations and logits, without the GPU's terms (CUDA context, NCCL,
+    fragmentation). ZeRO-2's gradient bucket counts only as far as the gradients fill it: the pages of a
+    ``torch.empty`` on the CPU are resident only once written (on a GPU the whole bucket is allocated)."""
     from finetune_operator.api.memory_fit import ModelShape, Plan, estimate
 
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
@@ -290,7 +292,8 @@ def our_estimate(model_dir: Path, method: str, args: argparse.Namespace) -> int:
         gradient_checkpointing=True,  # the spec's default, which manifest() keeps
     )
     found = estimate(shape, plan)
-    return found.total - found.overhead
+    written = min(found.buffers, found.trainable_parameters * (4 if args.precision == "fp32" else 2))
+    return found.total - found.overhead - found.buffers + written
 
 
 if __name__ == "__main__":

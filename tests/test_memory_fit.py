@@ -209,7 +209,12 @@ def test_terms_move_the_way_they_should() -> None:
     qlora = estimate(LLAMA_8B, replace(FULL, method="qlora"))
     lora = estimate(LLAMA_8B, replace(FULL, method="lora"))
     assert qlora.weights < 0.45 * lora.weights  # 4-bit projections, 16-bit embeddings and head
-    assert estimate(LLAMA_8B, replace(FULL, precision="fp32")).weights == 2 * base.weights
+    fp32 = estimate(LLAMA_8B, replace(FULL, precision="fp32"))
+    assert fp32.weights == 2 * base.weights
+    assert fp32.optimizer == base.optimizer  # DeepSpeed keeps an fp32 master copy under fp32 as well
+    # ZeRO-2's contiguous-gradients bucket: 5e8 elements of the gradient dtype, whatever the model.
+    assert base.buffers == 10**9 and fp32.buffers == 2 * 10**9
+    assert estimate(LLAMA_8B, replace(FULL, zero_stage=3)).buffers == 0
     # ZeRO-1 partitions the optimizer only; ZeRO-2 the gradients too.
     stage1 = estimate(LLAMA_8B, replace(FULL, zero_stage=1, gpus_per_node=8))
     stage2 = estimate(LLAMA_8B, replace(FULL, zero_stage=2, gpus_per_node=8))

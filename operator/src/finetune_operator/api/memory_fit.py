@@ -15,8 +15,13 @@ head for freeze), b = batchSizePerDevice, s = maxSeqLength:
   ZeRO-3 with offload keeps only that gathered layer.
 - gradients: 2 B (16-bit) + 4 B (fp32 for the optimizer) per trainable parameter under mixed
   precision, 4 B under fp32; /N from ZeRO-2 on; on the CPU with offload.
-- optimizer: AdamW's fp32 master copy and two moments, 12 B per trainable parameter (8 B under fp32,
-  which needs no master copy); /N from ZeRO-1 on; on the CPU with offload.
+- optimizer: AdamW's fp32 master copy and two moments, 12 B per trainable parameter, under fp32 too
+  (DeepSpeed's ZeRO optimizers clone the fp32 partition as the master even then); /N from ZeRO-1 on; on
+  the CPU with offload.
+- buffers: at ZeRO-2, the contiguous-gradients bucket DeepSpeed allocates whole at the first backward
+  (``reduce_bucket_size``, 5e8 elements by default, of the gradient dtype: 1 GB in 16-bit), which its
+  estimators leave out; ZeRO-3's buckets are sized by the hidden size (the trainer's
+  ``zero3_buffer_sizes``) and its gathered layer is in the weights.
 - activations: per block and token, the tensors a Llama block saves for its backward pass, 16-bit:
   2 x (5h + 2 kv) for attention (norm input, q/k/v input, q, k, v, the attention output; fused SDPA
   attention saves no s x s scores) and 2 x (2h + 4i) for the MLP (norm input, gate/up input, gate,
@@ -65,6 +70,8 @@ QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64
 # The projections "all-linear" adapts (every linear layer but the head) and those a block has.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SUGGESTED_NODES = 512
+# DeepSpeed's default zero_optimization.reduce_bucket_size, which the trainer keeps below ZeRO-3.
+REDUCE_BUCKET_ELEMENTS = 500_000_000
 
 Verdict = Literal["fits", "tight", "does-not-fit"]
 
@@ -257,6 +264,7 @@ class MemoryEstimate:
     logits: int
     overhead: int
     world_size: int
+    buffers: int = 0
     ignored_targets: tuple[str, ...] = ()  # LoRA target modules that are no projection of a block
 
     @property
@@ -265,13 +273,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.logits + self.overhead
+        return self.model_states + self.buffers + self.activations + self.logits + self.overhead
 
     def terms(self) -> list[tuple[str, int]]:
         return [
             ("weights", self.weights),
             ("gradients", self.gradients),
             ("optimizer", self.optimizer),
+            ("buffers", self.buffers),
             ("activations", self.activations),
             ("logits", self.logits),
             ("overhead", self.overhead),
@@ -314,14 +323,8 @@ def estimate(shape: ModelShape, plan: Plan) -> MemoryEstimate:
         weights = largest if plan.offload else largest + weight_bytes / n
     else:
         weights = weight_bytes
-    if plan.precision == "fp32":
-        grad_bytes, optimizer_bytes = 4, 8
-    else:
-        grad_bytes, optimizer_bytes = 6, 12
-    if plan.zero_stage == 3:
-        grad_bytes, optimizer_bytes = 4, 12  # DeepSpeed's 18 B (the module docstring)
-        if plan.precision == "fp32":
-            grad_bytes, optimizer_bytes = 4, 8
+    grad_bytes = 4 if plan.precision == "fp32" or plan.zero_stage == 3 else 6  # ZeRO-3: DeepSpeed's 18 B
+    optimizer_bytes = 12
     gradients = 0.0 if plan.offload else trainable * grad_bytes / (n if plan.zero_stage >= 2 else 1)
     optimizer = 0.0 if plan.offload else trainable * optimizer_bytes / (n if plan.zero_stage >= 1 else 1)
 
@@ -339,7 +342,8 @@ def estimate(shape: ModelShape, plan: Plan) -> MemoryEstimate:
     else:
         activations = tokens * backprop_layers * per_token_block
     logits = tokens * shape.vocab_size * (act_dtype + 4 + 4)
-    tensors = weights + gradients + optimizer + activations + logits
+    buffers = REDUCE_BUCKET_ELEMENTS * dtype if plan.zero_stage == 2 else 0
+    tensors = weights + gradients + optimizer + buffers + activations + logits
     overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0) + FRAGMENTATION * tensors
     return MemoryEstimate(
         parameters=total_params,
@@ -351,6 +355,7 @@ def estimate(shape: ModelShape, plan: Plan) -> MemoryEstimate:
         logits=int(logits),
         overhead=int(overhead),
         world_size=n,
+        buffers=int(buffers),
         ignored_targets=ignored,
     )
 
@@ -390,6 +395,7 @@ class FitReport:
         head = (
             f"{gib(e.total)} per GPU of {gib(self.gpu_memory)} ({percent(e.total, self.gpu_memory)}; "
             f"weights {gib(e.weights)}, gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, "
+            f"buffers {gib(e.buffers)}, "
             f"activations {gib(e.activations)}, logits {gib(e.logits)}, overhead {gib(e.overhead)}; "
             f"{e.world_size} GPU(s))"
         )
