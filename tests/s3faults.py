@@ -120,6 +120,7 @@ class Report:
     operations: dict[str, int]
     faults: dict[str, int]
     by_operation: dict[str, dict[str, int]]  # operation -> fault kind -> count
+    bytes_got: dict[str, int]  # /bucket/key -> body bytes GetObject sent (ranged reads add up)
 
     @property
     def injected(self) -> int:
@@ -185,6 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 raise _Reset
             self.wfile.write(data)
+            if operation == "GetObject" and status < 300:
+                with proxy._lock:
+                    proxy._bytes_got[urlsplit(target).path] += len(data)
         except _Reset:
             self._reset()
 
@@ -248,6 +252,7 @@ class FaultProxy:
         self._operations: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._faulted: Counter[tuple[str, str]] = Counter()
+        self._bytes_got: Counter[str] = Counter()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -275,6 +280,7 @@ class FaultProxy:
                 operations=dict(self._operations),
                 faults=dict(self._faults),
                 by_operation=_nest(self._faulted),
+                bytes_got=dict(self._bytes_got),
             )
 
     def _choose(self, method: str, operation: str, target: str) -> Rule | None:

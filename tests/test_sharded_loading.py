@@ -20,6 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.s3faults import fault_proxy
 from tests.s3server import S3Server, s3_server
 from tests.trainer_runs import Run, put_jsonl, run_trainer, s3_client, trainer_config, upload_tree
 
@@ -55,16 +56,20 @@ def _download(server: S3Server, prefix: str, target: Path) -> Path:
     return target
 
 
-def _zero3_run(server: S3Server, tmp_path: Path, name: str, method: dict[str, object]) -> tuple[Run, dict]:
+def _zero3_run(
+    server: S3Server, tmp_path: Path, name: str, method: dict[str, object], endpoint: str | None = None
+) -> tuple[Run, dict]:
+    """A 2-rank ZeRO-3 run, against ``endpoint`` (a proxy in front of the server) when given."""
+    endpoint = endpoint or server.endpoint
     config: TrainerConfig = trainer_config(
-        server.endpoint,
+        endpoint,
         name,
         method=method,
         deepspeed={"zeroStage": 3},
         hyperparameters={"maxSteps": 2, "batchSizePerDevice": 2},
         output={"checkpointEverySteps": 100},
     )
-    run = run_trainer(config, tmp_path, server.endpoint, processes=2)
+    run = run_trainer(config, tmp_path, endpoint, processes=2)
     assert run.code == 0, run.log[-4000:]
     assert run.summary is not None and run.summary.outcome == "succeeded"
     loaded = {int(m[1]): (int(m[2]), int(m[3]), m[4]) for m in LOADED.finditer(run.log)}
@@ -91,7 +96,15 @@ def test_zero3_lora_loads_partitioned_and_saves_a_loadable_adapter(
     store: tuple[S3Server, Path], tmp_path: Path
 ) -> None:
     server, model_dir = store
-    run, loaded = _zero3_run(server, tmp_path / "run", "sharded-lora", {"type": "lora", "lora": {"r": 4}})
+    with fault_proxy(server.endpoint) as proxy:  # no faults: it counts what each object sent
+        run, loaded = _zero3_run(
+            server, tmp_path / "run", "sharded-lora", {"type": "lora", "lora": {"r": 4}}, proxy.endpoint
+        )
+    # The node's 2 ranks downloaded the model and the data once (local rank 0), not once each.
+    got = proxy.report().bytes_got
+    for path in model_dir.iterdir():
+        assert got[f"/{BUCKET}/models/tiny/{path.name}"] == path.stat().st_size, (path.name, got)
+    assert got[f"/{BUCKET}/data/chat.jsonl"] == len(_download_bytes(server, "data/chat.jsonl"))
     total = _assert_partitioned(loaded, model_dir)
     trains = {int(m[1]): (int(m[3]), int(m[4])) for m in TRAIN.finditer(run.log)}
     assert trains.keys() == {0, 1}
@@ -111,6 +124,10 @@ def test_zero3_lora_loads_partitioned_and_saves_a_loadable_adapter(
         name = key.replace(".weight", ".default.weight")
         assert torch.equal(model.get_parameter(name), tensor), key
     assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape == (1, 3, config_vocab(model_dir))
+
+
+def _download_bytes(server: S3Server, key: str) -> bytes:
+    return s3_client(server.endpoint).get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
 def config_vocab(model_dir: Path) -> int:

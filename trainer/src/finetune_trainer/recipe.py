@@ -40,6 +40,7 @@ from finetune_trainer.evaluation import Generation, LabelSet, evaluate
 from finetune_trainer.example_store import ExampleStore, prepare_dataset, wait_for_dataset
 from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
+from finetune_trainer.host_memory import returning_freed_memory
 from finetune_trainer.modeling import load_model, load_tokenizer, model_hidden_size
 from finetune_trainer.outputs import LOG_UPLOAD_SECONDS, gate_failure, upload_log, write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer, TrainingTime
@@ -162,9 +163,10 @@ class FinetuneRecipe:
         # (HfDeepSpeedConfig) and the engine partitions by it. Judged before a large model is loaded.
         ds_config = build_deepspeed_config(config, ranks.world_size, model_hidden_size(inputs.model_dir))
         check_with_deepspeed(ds_config, ranks.world_size)
-        model = load_model(inputs.model_dir, config, inputs.adapter_dir, ds_config)
-        fault_point("engine")
-        self.engine = build_engine(config, model, self.plan, ranks, ds_config)
+        with returning_freed_memory():
+            model = load_model(inputs.model_dir, config, inputs.adapter_dir, ds_config)
+            fault_point("engine")
+            self.engine = build_engine(config, model, self.plan, ranks, ds_config)
         self.checkpointer = Checkpointer(
             self.store,
             config.output.uri,
@@ -474,17 +476,18 @@ class FinetuneRecipe:
         reason EvalGateNotMet, non-retryable: a restart would train the same model again. Every rank
         decides alike, from the same all-reduced metrics."""
         rejection = gate_failure(self.config.evaluation.gate, final_metrics)
-        model_uri = write_outputs(
-            self.config,
-            self.store,
-            self.engine,
-            self.tokenizer,
-            self.workspace / "output",
-            self.ranks.rank,
-            final_metrics,
-            self.state.history,
-            rejection,
-        )
+        with returning_freed_memory():
+            model_uri = write_outputs(
+                self.config,
+                self.store,
+                self.engine,
+                self.tokenizer,
+                self.workspace / "output",
+                self.ranks.rank,
+                final_metrics,
+                self.state.history,
+                rejection,
+            )
         if rejection is not None:
             message = f"evaluation gate not met: {rejection} (model written to {model_uri})"
             # Every rank fails alike, and the first to report it ends the others wherever they are: each
