@@ -200,6 +200,29 @@ class ExampleStore(Sequence[Example]):
         return found
 
 
+def read_examples(path: Path) -> Iterator[tuple[int, Example]]:
+    """(source row number, example) of every example in an IPC file, in order, read a record batch at a
+    time into memory that is freed after it: for the passes that stream one file into another (the
+    split, packing). A memory map would leave every page read resident in the process for as long as the
+    file stays mapped."""
+    with pa.OSFile(str(path), "rb") as source:
+        reader = pa.ipc.open_file(source)
+        for index in range(reader.num_record_batches):
+            batch = reader.get_batch(index).to_pydict()
+            for values in zip(*(batch[name] for name in SCHEMA.names), strict=True):
+                record = dict(zip(SCHEMA.names, values, strict=True))
+                yield (
+                    record["row"],
+                    Example(
+                        record["input_ids"],
+                        record["labels"],
+                        record["label"],
+                        record["prompt_length"],
+                        record["reference"],
+                    ),
+                )
+
+
 def write_examples(examples: Iterable[Example], path: Path, batch_rows: int = BATCH_ROWS) -> ExampleStore:
     with ExampleWriter(path, batch_rows) as writer:
         for example in examples:
@@ -245,7 +268,7 @@ def _encode_to(
         ExampleWriter(directory / f"{name}-eval.arrow", batch_rows) as evaluation,
     ):
         flags = data.eval_flags(len(everything), fraction, seed)
-        for (row, example), held_out in zip(everything.numbered(), flags, strict=True):
+        for (row, example), held_out in zip(read_examples(target), flags, strict=True):
             (evaluation if held_out else train).append(example, row)
         stores = train.close(), evaluation.close()
     target.unlink()
@@ -277,7 +300,8 @@ def prepare_dataset(
             )
         if dataset.packing:
             assert tokenizer.eos_token_id is not None
-            packed = data.iter_pack(train, dataset.max_seq_length, tokenizer.eos_token_id)
+            examples = (example for _, example in read_examples(train.path))
+            packed = data.iter_pack(examples, dataset.max_seq_length, tokenizer.eos_token_id)
             train = write_examples(packed, directory / "train-packed.arrow", batch_rows)
     except DataError as error:
         (directory / FAILED).write_text(json.dumps({"message": str(error)}))
