@@ -92,11 +92,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
 def read_model_config(job: FinetuneJob, store: Path | None) -> tuple[dict[str, Any] | None, str]:
     """(the model's config.json, where it was read) or (None, why it could not be read, in one line).
 
@@ -106,10 +101,12 @@ def read_model_config(job: FinetuneJob, store: Path | None) -> tuple[dict[str, A
     uri = job.spec.model.uri.rstrip("/") + "/config.json"
     try:
         if store is not None:
-            bucket, key = _split_s3(uri)
-            with (store / bucket / key).open("rb") as file:
+            from finetune_operator.local.run import local_path
+
+            path = local_path(uri, store)
+            with path.open("rb") as file:
                 data = file.read(MAX_CONFIG_BYTES + 1)
-            where = str(store / bucket / key)
+            where = str(path)
         else:
             data, where = _read_s3(job, uri), uri
     except OSError as error:
@@ -131,6 +128,7 @@ def read_model_config(job: FinetuneJob, store: Path | None) -> tuple[dict[str, A
 def _read_s3(job: FinetuneJob, uri: str) -> bytes:
     import boto3
     from botocore.config import Config
+    from finetune_trainer.storage import parse_s3_uri
 
     storage = job.spec.storage
     client = boto3.client(
@@ -139,7 +137,7 @@ def _read_s3(job: FinetuneJob, uri: str) -> bytes:
         region_name=storage.region or None,
         config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}),
     )
-    bucket, key = _split_s3(uri)
+    bucket, key = parse_s3_uri(uri)
     body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_CONFIG_BYTES}")["Body"]
     return body.read(MAX_CONFIG_BYTES + 1)
 

@@ -125,10 +125,13 @@ class _File:
             found[name] = batch.column(name).to_pylist()
         return found
 
-    def example(self, position: int) -> Example:
+    def locate(self, position: int) -> tuple[dict[str, Any], int]:
+        """The record batch holding the example at ``position``, and its index in that batch."""
         index = int(np.searchsorted(self.starts, position, side="right")) - 1
-        local = position - int(self.starts[index])
-        batch = self.batch(index)
+        return self.batch(index), position - int(self.starts[index])
+
+    def example(self, position: int) -> Example:
+        batch, local = self.locate(position)
 
         def tokens(name: str) -> list[int]:
             offsets, values = batch[name]
@@ -180,10 +183,9 @@ class ExampleStore(Sequence[Example]):
 
     def numbered(self) -> Iterator[tuple[int, Example]]:
         """(the source file's 1-based row number, example) of each example; 0 for packed sequences."""
-        file = self._file
         for position in self._rows:
-            index = int(np.searchsorted(file.starts, position, side="right")) - 1
-            yield file.batch(index)["row"][position - int(file.starts[index])], file.example(position)
+            batch, local = self._file.locate(position)
+            yield batch["row"][local], self._file.example(position)
 
     def label_examples(self) -> list[Example]:
         """The first example of each distinct classification label, in order: what ``LabelSet`` and
@@ -191,12 +193,11 @@ class ExampleStore(Sequence[Example]):
         seen: set[str] = set()
         found: list[Example] = []
         for position in self._rows:
-            file = self._file
-            index = int(np.searchsorted(file.starts, position, side="right")) - 1
-            label = file.batch(index)["label"][position - int(file.starts[index])]
+            batch, local = self._file.locate(position)
+            label = batch["label"][local]
             if label is not None and label not in seen:
                 seen.add(label)
-                found.append(file.example(position))
+                found.append(self._file.example(position))
         return found
 
 
