@@ -496,7 +496,8 @@ def test_an_adapter_with_other_settings_is_refused_before_training(
     assert run.summary.error in _text(server, f"out/mismatch/logs/rank-{run.summary.rank}.log")
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+# ZeRO-1 runs the same DeepSpeed optimizer as ZeRO-2 (stage_1_and_2.py), so 2 stands for both.
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_bf16_on_cpu_trains_checkpoints_resumes_and_reloads(
     store: tuple[S3Server, Path], tmp_path: Path, zero_stage: int
 ) -> None:
