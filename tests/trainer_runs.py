@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -134,7 +135,16 @@ def run_trainer(
 def finish_trainer(
     process: subprocess.Popen[str], termination: Path, workdir: Path, timeout: float = 300
 ) -> Run:
-    """Waits for a trainer start_trainer started: its exit code, termination message and log."""
-    code = process.wait(timeout)
+    """Waits for a trainer start_trainer started: its exit code, termination message and log. One that
+    outlives ``timeout`` is killed with its whole process group, so that no rank lingers to slow or
+    block the next test, and the test fails with the log's tail."""
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        tail = (workdir / "trainer.log").read_text()[-3000:]
+        message = f"the trainer ran past {timeout} s and was killed; its log ends:\n{tail}"
+        raise AssertionError(message) from None
     text = termination.read_text() if termination.exists() else None
     return Run(code, parse_termination_message(text), (workdir / "trainer.log").read_text())
