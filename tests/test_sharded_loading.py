@@ -1,11 +1,15 @@
-"""ZeRO-3 creates the model's parameters partitioned at load (HfDeepSpeedConfig + deepspeed.zero.Init):
-each of 2 gloo ranks holds its share of the weights, not a whole copy, and what the run saves (a LoRA
-adapter, full weights) still loads with from_pretrained."""
+"""ZeRO-3 creates the model's parameters partitioned at load (HfDeepSpeedConfig + deepspeed.zero.Init)
+and each rank reads only its partitions from the safetensors files: each of 2 gloo ranks holds its
+share of the weights, not a whole copy, the gathered weights are from_pretrained's, and what the run
+saves (a LoRA adapter, full weights) still loads with from_pretrained."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +21,8 @@ from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.modeling import full_numel, held_parameter_bytes, model_hidden_size, parameter_counts
 from finetune_trainer.tiny import build_tiny_model
 from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tests.s3faults import fault_proxy
 from tests.s3server import S3Server, s3_server
@@ -190,3 +194,70 @@ def test_counts_and_held_bytes_of_a_plain_module() -> None:
     assert parameter_counts(module) == (32, 36)
     assert held_parameter_bytes(module) == 36 * 4
     assert full_numel(module.weight) == 32
+
+
+def _tied_sharded_bf16_copy(model_dir: Path, target: Path) -> Path:
+    """The model with its head tied to the embeddings, in bf16, in shards of at most 40 kB with an index,
+    and a generation config: what a downloaded chat model looks like."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(target, max_shard_size="40kB")
+    GenerationConfig(eos_token_id=7).save_pretrained(target)
+    return target
+
+
+def _renamed_copy(model_dir: Path, target: Path) -> Path:
+    """The model with one weight under a name the model does not have (a checkpoint from_pretrained
+    would convert or report)."""
+    target.mkdir()
+    (target / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    state = load_file(model_dir / "model.safetensors")
+    state["model.norm.scale"] = state.pop("model.norm.weight")
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.system
+def test_each_rank_reads_its_partitions_and_together_they_are_the_checkpoint(tmp_path: Path) -> None:
+    # 3 ranks: most tensors' sizes (multiples of hidden 50) are not multiples of 3, so the last rank's
+    # partitions are zero-padded.
+    plain = build_tiny_model(tmp_path / "plain", hidden_size=50, layers=2, heads=5)
+    tied = _tied_sharded_bf16_copy(plain, tmp_path / "tied")
+    assert len(list(tied.glob("*.safetensors"))) > 1 and (tied / "model.safetensors.index.json").is_file()
+    renamed = _renamed_copy(plain, tmp_path / "renamed")
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [f"plain={plain}", f"tied={tied}", f"renamed={renamed}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
+    result = subprocess.run(
+        [*command, "-m", "tests.sharded_load_ranks", str(out), "fp32", *cases],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    for name, model_dir in (("plain", plain), ("tied", tied)):
+        report = json.loads((out / f"{name}.json").read_text())
+        assert report["loaded"] and not report["training"], report
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        expected = reference.state_dict()
+        gathered = load_file(out / f"{name}.safetensors")
+        assert gathered.keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            assert torch.equal(gathered[key], tensor), (name, key)
+        whole = sum(4 * p.numel() for p in reference.parameters())  # fp32 in memory, bf16 on disk or not
+        padding = 4 * len(list(reference.parameters()))
+        assert all(whole / 3 <= held <= whole / 3 + padding for held in report["held"]), (name, report)
+    assert json.loads((out / "tied.json").read_text()) | {"held": None} == {
+        "loaded": True,
+        "held": None,
+        "tied": True,
+        "training": False,
+        "eos": 7,
+    }
+    assert not json.loads((out / "plain.json").read_text())["tied"]
+    # A checkpoint that does not match the model is left to from_pretrained, with the reason logged.
+    assert json.loads((out / "renamed.json").read_text())["loaded"] is False
+    assert "model.norm.weight is not in the checkpoint" in result.stdout + result.stderr

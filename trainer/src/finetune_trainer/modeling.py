@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
 from finetune_trainer.errors import NonRetryableError
+from finetune_trainer.sharded_loading import load_partitioned
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -291,9 +292,11 @@ def load_model(
     (model.adapter's download) LoRA continues that adapter instead of starting a new one.
 
     With ZeRO-3 in ``ds_config`` (the very dict deepspeed.initialize gets) the parameters are created
-    partitioned: ``HfDeepSpeedConfig`` makes from_pretrained build the model under
-    ``deepspeed.zero.Init``, and rank 0 reads each module's tensors and scatters them, so a rank holds
-    its share of the weights, not the whole model. Needs the process group (init_distributed) first.
+    partitioned under ``deepspeed.zero.Init`` (through ``HfDeepSpeedConfig``) and each rank reads only
+    its partition of each tensor from the safetensors files (``sharded_loading``), so a rank holds its
+    share of the weights, never the whole model; a checkpoint that loader cannot match exactly goes
+    through from_pretrained's own ZeRO-3 path (rank 0 reads each module and scatters it). Needs the
+    process group (init_distributed) first.
     """
     global _zero3_config
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
@@ -303,8 +306,11 @@ def load_model(
         _zero3_config = HfDeepSpeedConfig(ds_config)
     kwargs = _loading_kwargs(config, zero3)
     check_model_files(model_dir)
+    partition_by_partition = zero3 and "quantization_config" not in kwargs
+    model = load_partitioned(model_dir, kwargs["dtype"]) if partition_by_partition else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except SafetensorError as error:  # what the header check cannot see, e.g. a tensor of the wrong shape
         raise NonRetryableError(f"model files in {config.model.uri} are corrupt: {error}") from error
     except (OSError, ValueError) as error:
