@@ -419,10 +419,15 @@ def test_namespaced_scope_has_a_role_in_each_namespace() -> None:
     for kind in ("Role", "RoleBinding"):
         assert sorted(obj["metadata"]["namespace"] for obj in objects("namespaced", kind)) == WATCHED
     assert env("namespaced")["FINETUNE_NAMESPACES"] == "team-a,team-b"
-    # What is left cluster-wide is kopf's observation of CRDs and namespaces, read-only.
+    # What is left cluster-wide is kopf's observation of CRDs, namespaces and (gpuMemoryFromNodes) nodes,
+    # read-only.
     [cluster_role] = objects("namespaced", "ClusterRole")
     granted = {(g, r) for rule in cluster_role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    assert granted == {
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+        ("", "namespaces"),
+        ("", "nodes"),
+    }
     assert all(set(rule["verbs"]) == {"list", "watch"} for rule in cluster_role["rules"])
 
 
@@ -504,6 +509,7 @@ def test_values_reach_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> No
         "workerProgressPort": 31002,
         "livenessPort": 8081,
         "metrics": {"port": 9191},
+        "gpuMemoryFromNodes": False,
     }
     [deployment] = [obj for obj in render(values) if obj["kind"] == "Deployment"]
     [operator] = deployment["spec"]["template"]["spec"]["containers"]
@@ -518,6 +524,7 @@ def test_values_reach_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> No
     assert args.termination_grace_seconds == 1200000
     assert (args.rendezvous_port, args.progress_port) == (31001, 31002)
     assert (args.liveness_port, args.metrics_port) == (8081, 9191)
+    assert args.gpu_memory_from_nodes is False
     ports = {port["name"]: port["containerPort"] for port in operator["ports"]}
     assert ports == {"healthz": 8081, "metrics": 9191}
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
@@ -530,6 +537,7 @@ def test_defaults_reach_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> 
     assert (args.liveness_port, args.metrics_port) == (8080, 9090)
     assert (args.rendezvous_port, args.progress_port) == (29500, 29600)
     assert args.log_format == "json"
+    assert args.gpu_memory_from_nodes is True
     # The chart's defaults are the operator's own.
     assert args == _parse_operator_flags(monkeypatch, {})
 
@@ -605,6 +613,7 @@ def test_default_trainer_image_is_the_operators() -> None:
         ({"progressRate": 0}, "at '/progressRate'"),
         ({"workerProgressPort": 0}, "at '/workerProgressPort'"),
         ({"workerRendezvousPort": "29500"}, "at '/workerRendezvousPort'"),
+        ({"gpuMemoryFromNodes": "no"}, "at '/gpuMemoryFromNodes': got string, want boolean"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_field(values: dict[str, Any], message: str) -> None:

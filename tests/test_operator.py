@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from finetune_operator.api.memory_fit import GPU_MEMORY_LABEL, MODEL_CONFIG_ANNOTATION, annotation_value
 from finetune_operator.controller.handlers import registry
 from finetune_operator.controller.kube import KubeApi
 from finetune_operator.controller.manifests import WorkerSettings
@@ -34,6 +36,7 @@ from tests.kube.fixtures import running_operator
 from tests.kube.semantics import FINETUNEJOBS
 from tests.manifests import minimal_manifest
 from tests.test_chart import render
+from tests.test_memory_fit import LLAMA_3_8B
 
 pytestmark = pytest.mark.asyncio
 
@@ -418,3 +421,34 @@ async def test_a_foreign_pod_with_the_jobs_labels_does_not_affect_the_job(
         done = await job.phase("Succeeded")
         assert done["outputModel"] == "s3://out/llm/model/" and done["restarts"] == 0
         assert job.kube.get_object(kubelet.PODS, job.namespace, "llm-intruder") is not None  # left alone
+
+
+async def test_a_job_without_a_gpu_label_gets_its_gpu_memory_from_the_nodes_it_matches(
+    control_plane: RealCluster, job: Job, operating: Operating
+) -> None:
+    """The smallest nvidia.com/gpu.memory of the Nodes its nodeSelector matches (a label that is not a size
+    is ignored), read through the operator's index with the chart's RBAC: too small, failed before any pod."""
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    sizes = {f"{pool}-small": "24576", f"{pool}-large": "81559", f"{pool}-odd": "lots"}
+    for name, mib in sizes.items():  # unschedulable: no other test's pod lands on a node no agent serves
+        labels = {"finetune.dev/test-pool": pool, GPU_MEMORY_LABEL: mib}
+        job.kube.create_object(
+            "v1/nodes", {"metadata": {"name": name, "labels": labels}, "spec": {"unschedulable": True}}
+        )
+    try:
+        async with operating():  # kopf fills its indices before it runs a daemon: the nodes are in
+            body = manifest(
+                method={"type": "full"}, resources={"nodeSelector": {"finetune.dev/test-pool": pool}}
+            )
+            body["metadata"]["annotations"] = {MODEL_CONFIG_ANNOTATION: annotation_value(LLAMA_3_8B)}
+            job.kube.create_object(FINETUNEJOBS, body, job.namespace)
+            failed = await job.phase("Failed")
+        assert condition(failed, "Failed")["reason"] == "InsufficientGPUMemory"
+        fit = condition(failed, "MemoryFit")
+        assert fit["status"] == "False" and "per GPU of 24.0 GiB" in fit["message"]
+        origin = f"{GPU_MEMORY_LABEL} 24576 MiB on node {pool}-small, the smallest of the 2 matching nodes"
+        assert origin in fit["message"]
+        assert job.pods() == []
+    finally:
+        for name in sizes:
+            job.kube.delete_object("v1/nodes", None, name)

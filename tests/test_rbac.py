@@ -6,10 +6,13 @@ What the operator uses is derived from the code, not listed by hand:
   generated code gives each method's HTTP verb and path (``_<method>_serialize``), and the call's
   arguments fill the path's ``{group}``/``{plural}`` (``GROUP``, ``PLURAL``). No other module of the
   operator may import the kubernetes client.
-- kopf, for the handlers in ``finetune_operator.controller.handlers.registry``: list and watch for
+- kopf, for the handlers ``finetune_operator.controller.handlers.build_registry`` registers (with the
+  index of GPU nodes and without, as gpuMemoryFromNodes turns it on and off): list and watch for
   every resource a handler or an index watches; patch for resources whose handlers need kopf's
   finalizer or its annotations (daemons, change handlers); the status too when kopf keeps its
-  progress there.
+  progress there. Each in the watched namespaces or cluster-wide as the resource is namespaced or
+  not (a CRD's scope; the kubernetes client's paths for the built-in ones): kopf watches a
+  cluster-scoped resource such as nodes cluster-wide even when it serves a list of namespaces.
 - kopf's settings after the operator's ``configure_settings``: Events are posted (create), and unless
   scanning is disabled kopf watches CRDs and, when it serves a list of namespaces, namespaces.
 - The children's ``ownerReferences``: ``blockOwnerDeletion`` needs update on ``<owner>/finalizers``.
@@ -17,7 +20,8 @@ What the operator uses is derived from the code, not listed by hand:
   chart installs; kopf watches them and patches its own object.
 
 The chart's rules are rendered by Helm (see tests/test_chart.py) for the cluster-wide and the
-namespaced scope, with and without peering, and compared with that set.
+namespaced scope, with and without peering, with gpuMemoryFromNodes on and off, and compared with that
+set.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, NamedTuple
 import finetune_operator
 import kopf
 import kubernetes
+import kubernetes.client.api
 import pytest
 from finetune_operator.api.validation import parse_finetune_job
 from finetune_operator.controller import handlers, kube
@@ -191,6 +196,50 @@ def _selector_resource(selector: references.Selector) -> tuple[str, str]:
     return (selector.group if selector.group is not None else ""), name
 
 
+@functools.cache
+def _client_paths() -> frozenset[str]:
+    """Every path template of the kubernetes client's generated API classes."""
+    folder = Path(kubernetes.client.api.__file__).parent
+    found = (re.findall(r"resource_path='([^']+)'", path.read_text()) for path in folder.glob("*.py"))
+    return frozenset(path for paths in found for path in paths)
+
+
+@functools.cache
+def _crd_scopes() -> dict[tuple[str, str], str]:
+    """(group, plural) -> Namespaced or Cluster, of the CRDs the chart installs."""
+    return {
+        (crd["spec"]["group"], crd["spec"]["names"]["plural"]): crd["spec"]["scope"] for crd in chart_crds()
+    }
+
+
+def is_namespaced(group: str, plural: str) -> bool:
+    """A resource's scope: a CRD's spec.scope (the chart's CRDs), else the kubernetes client's paths for
+    it (``/api/v1/namespaces/{namespace}/pods``, but only ``/api/v1/nodes``)."""
+    if (group, plural) in _crd_scopes():
+        return _crd_scopes()[group, plural] == "Namespaced"
+    base = "/api/v1" if not group else rf"/apis/{re.escape(group)}/[^/]+"
+    paths = _client_paths()
+    namespaced = any(re.fullmatch(rf"{base}/namespaces/\{{namespace\}}/{plural}", path) for path in paths)
+    assert namespaced or any(re.fullmatch(f"{base}/{plural}", path) for path in paths), (
+        f"{plural}.{group or 'core'}: no such resource in the kubernetes client; add its CRD to the chart"
+    )
+    return namespaced
+
+
+def test_resource_scopes() -> None:
+    group, plural = finetune_operator.GROUP, finetune_operator.PLURAL
+    assert (
+        is_namespaced("", "pods")
+        and is_namespaced(group, plural)
+        and is_namespaced("kopf.dev", "kopfpeerings")
+    )
+    assert not is_namespaced("", "nodes") and not is_namespaced("", "namespaces")
+    assert not is_namespaced("apiextensions.k8s.io", "customresourcedefinitions")
+    assert not is_namespaced("kopf.dev", "clusterkopfpeerings")
+    with pytest.raises(AssertionError, match="no such resource"):
+        is_namespaced("", "gpus")
+
+
 def _settings() -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     handlers.configure_settings(settings)
@@ -203,40 +252,45 @@ def _calls_kopf_event() -> bool:
     return any(isinstance(node, ast.Call) and _dotted(node.func) in posting for node in ast.walk(tree))
 
 
-def kopf_needs(clusterwide: bool, peering_enabled: bool) -> tuple[set[Permission], set[Permission]]:
+def kopf_needs(
+    clusterwide: bool, peering_enabled: bool, gpu_memory_from_nodes: bool = True
+) -> tuple[set[Permission], set[Permission]]:
     """What kopf does for the operator: (in every watched namespace, cluster-scoped)."""
-    registry = handlers.registry
+    registry = handlers.build_registry(gpu_memory_from_nodes)
     namespaced: set[Permission] = set()
     cluster: set[Permission] = set()
+
+    def need(resource: tuple[str, str], verbs: list[str], subresource: str = "") -> None:
+        group, plural = resource
+        (namespaced if is_namespaced(group, plural) else cluster).update(
+            permissions(group, plural + subresource, verbs)
+        )
+
     assert not registry._webhooks.get_all_handlers(), "admission webhooks need RBAC of their own"
     settings = _settings()
     for kind in (registry._indexing, registry._watching, registry._spawning, registry._changing):
         for handler in kind.get_all_handlers():
-            group, plural = _selector_resource(handler.selector)
-            namespaced |= permissions(group, plural, ["list", "watch"])
+            resource = _selector_resource(handler.selector)
+            need(resource, ["list", "watch"])
             # Finalizers (daemons, deletion handlers) and kopf's annotations (change handlers).
             if kind is registry._changing or getattr(handler, "requires_finalizer", False):
-                namespaced |= permissions(group, plural, ["patch"])
+                need(resource, ["patch"])
                 if not isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage):
-                    namespaced |= permissions(group, f"{plural}/status", ["patch"])
+                    need(resource, ["patch"], "/status")
     if settings.posting.enabled or _calls_kopf_event():
         namespaced.add(Permission("", "events", "create"))
     if not settings.scanning.disabled:
-        cluster |= permissions(*_selector_resource(references.CRDS), ["list", "watch"])
+        need(_selector_resource(references.CRDS), ["list", "watch"])
         if not clusterwide:
-            cluster |= permissions(*_selector_resource(references.NAMESPACES), ["list", "watch"])
+            need(_selector_resource(references.NAMESPACES), ["list", "watch"])
     if peering_enabled:
         settings.peering.standalone = False
         settings.peering.clusterwide = clusterwide
-        installed = {(crd["spec"]["group"], crd["spec"]["names"]["plural"]): crd for crd in chart_crds()}
         for selector in peering.guess_selectors(settings):
             resource = _selector_resource(selector)
-            if resource in installed:  # kopf serves the peering kinds that exist (kopf.dev here)
-                scope = installed[resource]["spec"]["scope"]
+            if resource in _crd_scopes():  # kopf serves the peering kinds that exist (kopf.dev here)
                 # The peering observer watches; keep-alives and clean-ups patch its own object.
-                (cluster if scope == "Cluster" else namespaced).update(
-                    permissions(*resource, ["list", "watch", "patch"])
-                )
+                need(resource, ["list", "watch", "patch"])
     return namespaced, cluster
 
 
@@ -253,9 +307,11 @@ def ownership_needs() -> set[Permission]:
     return needs
 
 
-def required(clusterwide: bool, peering_enabled: bool) -> tuple[set[Permission], set[Permission]]:
+def required(
+    clusterwide: bool, peering_enabled: bool, gpu_memory_from_nodes: bool = True
+) -> tuple[set[Permission], set[Permission]]:
     """Everything the operator needs: (in every watched namespace, cluster-scoped)."""
-    namespaced, cluster = kopf_needs(clusterwide, peering_enabled)
+    namespaced, cluster = kopf_needs(clusterwide, peering_enabled, gpu_memory_from_nodes)
     for permission, is_namespaced in operator_calls().values():
         (namespaced if is_namespaced else cluster).add(permission)
     return namespaced | ownership_needs(), cluster
@@ -275,9 +331,14 @@ def test_what_the_operator_needs() -> None:
         | permissions("", "events", ["create"])
     )
     assert cluster == permissions("apiextensions.k8s.io", "customresourcedefinitions", ["list", "watch"]) | (
-        permissions("", "namespaces", ["list", "watch"])
+        permissions("", "namespaces", ["list", "watch"]) | permissions("", "nodes", ["list", "watch"])
     )
     assert not any(p.resource.startswith("secrets") for p in namespaced | cluster)
+    # Without the GPU memory from nodes, nothing of nodes.
+    assert required(clusterwide=False, peering_enabled=False, gpu_memory_from_nodes=False) == (
+        namespaced,
+        cluster - permissions("", "nodes", ["list", "watch"]),
+    )
 
 
 # --- the chart ------------------------------------------------------------------------------------------
@@ -308,12 +369,13 @@ SCOPES = {
 }
 
 
+@pytest.mark.parametrize("from_nodes", [True, False], ids=["nodes", "no-nodes"])
 @pytest.mark.parametrize("scope", SCOPES)
-def test_chart_rbac_is_exactly_what_the_code_uses(scope: str) -> None:
-    values = SCOPES[scope]
+def test_chart_rbac_is_exactly_what_the_code_uses(scope: str, from_nodes: bool) -> None:
+    values = {**SCOPES[scope], "gpuMemoryFromNodes": from_nodes}
     clusterwide = not values.get("watchNamespaces")
     peering_enabled = values.get("replicas", 1) > 1
-    needed_in_namespaces, needed_cluster = required(clusterwide, peering_enabled)
+    needed_in_namespaces, needed_cluster = required(clusterwide, peering_enabled, from_nodes)
     rendered = render(values)
     roles = [obj for obj in rendered if obj["kind"] == "Role"]
     cluster_roles = [obj for obj in rendered if obj["kind"] == "ClusterRole"]

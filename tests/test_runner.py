@@ -95,6 +95,28 @@ async def test_cluster_wide_operator_with_the_charts_default_rbac(
 
 
 @pytest.mark.asyncio
+async def test_without_node_access_the_operator_reads_no_nodes(
+    control_plane: RealCluster, namespace: str, tmp_path: Path
+) -> None:
+    """`gpuMemoryFromNodes: false`: no grant on nodes, and the operator, told so by the chart's variable,
+    watches none (kopf would retry a forbidden list of nodes and never run a job)."""
+    rendered = render({"watchNamespaces": [namespace], "gpuMemoryFromNodes": False}, release="no-nodes")
+    assert "nodes" not in str([o["rules"] for o in rendered if o["kind"] in ("Role", "ClusterRole")])
+    identity = control_plane.grant("no-nodes", chart_rbac(rendered))
+    [deployment] = [o for o in rendered if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    variable = {
+        e["name"]: e["value"] for e in container["env"] if e["name"] == "FINETUNE_GPU_MEMORY_FROM_NODES"
+    }
+    assert variable == {"FINETUNE_GPU_MEMORY_FROM_NODES": "false"}
+    job = Job(control_plane.admin, namespace)
+    async with operator_process(identity, namespace, tmp_path / "operator.log", variable) as operator:
+        job.create()
+        await job.gang()
+    assert "forbidden" not in operator.log.read_text().lower()  # kopf logs each refused list of nodes
+
+
+@pytest.mark.asyncio
 async def test_operator_killed_mid_run_and_restarted_converges_without_duplicates(
     control_plane: RealCluster, operator_identity: Identity, namespace: str, tmp_path: Path
 ) -> None:

@@ -1,5 +1,6 @@
 """The MemoryFit condition as a table: a job's declared model shape and the GPU memory in, the
-condition out, and a job that clearly does not fit failed before any pod is created."""
+condition out, and a job that clearly does not fit failed before any pod is created; and where the GPU
+memory comes from (``gpu_memory_for``) as a table of nodeSelectors, node labels and the flag."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from finetune_operator.api.memory_fit import GIB, MODEL_CONFIG_ANNOTATION
+from finetune_operator.api.memory_fit import (
+    GIB,
+    GPU_MEMORY_LABEL,
+    MIB,
+    MODEL_CONFIG_ANNOTATION,
+    GpuNode,
+    gpu_memory_for,
+)
 from finetune_operator.api.spec import FinetuneJobStatus
 from finetune_operator.api.timestamps import format_time
 from finetune_operator.api.validation import parse_finetune_job
@@ -28,6 +36,7 @@ def observed(
     annotation: str | None = json.dumps(LLAMA_3_8B),
     gpu_memory: int | None = 80 * GIB,
     status: dict[str, Any] | None = None,
+    nodes: tuple[GpuNode, ...] = (),
 ) -> JobObservation:
     manifest = minimal_manifest(**spec)
     if annotation is not None:
@@ -40,6 +49,7 @@ def observed(
         job=parse_finetune_job(manifest),
         status=FinetuneJobStatus.model_validate(status or {}),
         gpu_memory=gpu_memory,
+        gpu_nodes=nodes,
     )
 
 
@@ -48,6 +58,14 @@ def worker(rank: int = 0) -> PodObservation:
 
 
 GPU_LABEL_48GIB = {"nodeSelector": {"nvidia.com/gpu.memory": "49152"}}
+
+
+def gpu_node(name: str, mib: str | None = None, **labels: str) -> GpuNode:
+    """A node as the operator's index keeps it, labelled with ``mib`` as GPU feature discovery does."""
+    return GpuNode.of(name, {**labels, **({GPU_MEMORY_LABEL: mib} if mib is not None else {})})
+
+
+A100_40 = gpu_node("a100-40", "40960", pool="a100")
 
 # (id, observation, pods, MemoryFit (status, reason, words) or None, phase, pods created)
 CASES: list[tuple[str, JobObservation, list[PodObservation], tuple[str, str, str] | None, str, bool]] = [
@@ -73,6 +91,22 @@ CASES: list[tuple[str, JobObservation, list[PodObservation], tuple[str, str, str
         observed({**FULL_ZERO3_8, "resources": {"gpusPerNode": 8, **GPU_LABEL_48GIB}}, gpu_memory=None),
         [],
         ("True", "Fits", "nvidia.com/gpu.memory] 49152 MiB"),
+        "Pending",
+        True,
+    ),
+    (
+        "the matching nodes' label, without the flag: failed before any pod",
+        observed(FULL_ZERO2, gpu_memory=None, nodes=(A100_40,)),
+        [],
+        ("False", "DoesNotFit", "GPU memory: nvidia.com/gpu.memory 40960 MiB on node a100-40"),
+        "Failed",
+        False,
+    ),
+    (
+        "the matching nodes' label wins over the flag",
+        observed(FULL_ZERO3_8, gpu_memory=1 * GIB, nodes=(gpu_node("h200", "143771"),)),
+        [],
+        ("True", "Fits", "of 140.4 GiB"),
         "Pending",
         True,
     ),
@@ -167,3 +201,86 @@ def test_memory_fit_is_pure_and_short() -> None:
     assert (status, reason) == (False, "DoesNotFit")
     assert memory_fit(job, 80 * GIB) == (status, reason, message)
     assert len(message) <= 2048
+
+
+# (id, the job's nodeSelector, the indexed nodes, --gpu-memory, bytes found, words of the origin)
+SOURCES: list[tuple[str, dict[str, str], list[GpuNode], int | None, int | None, str]] = [
+    ("no nodes: the flag", {}, [], 80 * GIB, 80 * GIB, "80.0 GiB, the configured GPU memory"),
+    ("no nodes, no flag: unknown", {}, [], None, None, "no GPU memory configured"),
+    (
+        "nodes without the label: the flag",
+        {},
+        [gpu_node("cpu-0"), gpu_node("cpu-1")],
+        80 * GIB,
+        80 * GIB,
+        "configured",
+    ),
+    ("nodes without the label, no flag: unknown", {}, [gpu_node("cpu-0")], None, None, "no GPU memory"),
+    ("a non-matching selector: the flag", {"pool": "h100"}, [A100_40], 80 * GIB, 80 * GIB, "configured"),
+    (
+        "every pair of the selector must match",
+        {"pool": "a100", "zone": "b"},
+        [A100_40, gpu_node("a100-80", "81920", pool="a100", zone="b")],
+        None,
+        81920 * MIB,
+        "81920 MiB on node a100-80, the only matching node",
+    ),
+    (
+        "the smallest of several",
+        {"pool": "a100"},
+        [
+            gpu_node("a100-80", "81920", pool="a100"),
+            A100_40,
+            gpu_node("h100", "81559"),
+            gpu_node("b", "97871", pool="a100"),
+        ],
+        80 * GIB,
+        40960 * MIB,
+        "nvidia.com/gpu.memory 40960 MiB on node a100-40, the smallest of the 3 matching nodes",
+    ),
+    (
+        "no selector: any labelled node",
+        {},
+        [gpu_node("cpu-0"), A100_40],
+        None,
+        40960 * MIB,
+        "the only matching node",
+    ),
+    (
+        "a label that is not a size (a word, under 1 GiB) is ignored",
+        {},
+        [gpu_node("odd", "lots"), gpu_node("tiny", "512"), A100_40],
+        None,
+        40960 * MIB,
+        "on node a100-40, the only matching node",
+    ),
+    ("only bad labels: the flag", {}, [gpu_node("odd", "lots")], 80 * GIB, 80 * GIB, "configured"),
+    (
+        "the job's label wins over the nodes",
+        {GPU_MEMORY_LABEL: "49152"},
+        [A100_40, gpu_node("l40", "49152")],
+        80 * GIB,
+        48 * GIB,
+        "spec.resources.nodeSelector[nvidia.com/gpu.memory] 49152 MiB",
+    ),
+    (
+        "the job's label, not a size: the nodes carry no size for it either, so the flag",
+        {GPU_MEMORY_LABEL: "big"},
+        [gpu_node("odd", "big"), A100_40],
+        80 * GIB,
+        80 * GIB,
+        "configured",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("selector", "nodes", "flag", "size", "origin"), [c[1:] for c in SOURCES], ids=[c[0] for c in SOURCES]
+)
+def test_where_the_gpu_memory_comes_from(
+    selector: dict[str, str], nodes: list[GpuNode], flag: int | None, size: int | None, origin: str
+) -> None:
+    job = parse_finetune_job(minimal_manifest(resources={"nodeSelector": selector}))
+    found, words = gpu_memory_for(job, flag, nodes)
+    assert found == size, words
+    assert origin in words

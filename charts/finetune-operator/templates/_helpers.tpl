@@ -118,3 +118,13 @@ resources that appear or change, and, when it serves a list of namespaces, the n
   verbs: ["list", "watch"]
 {{- end }}
 {{- end }}
+
+{{/* The GPU memory from the nodes' nvidia.com/gpu.memory labels (gpuMemoryFromNodes): kopf's index of
+nodes, a cluster-scoped resource, which kopf lists and watches cluster-wide in either scope. */}}
+{{- define "finetune-operator.nodeRules" -}}
+{{- if .Values.gpuMemoryFromNodes }}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- end }}

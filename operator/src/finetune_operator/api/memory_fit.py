@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -567,15 +567,51 @@ def shape_from_annotation(job: Any) -> ModelShape | None:
     return ModelShape.from_config(config, where)
 
 
-def gpu_memory_for(job: Any, default: int | None) -> tuple[int | None, str]:
-    """(bytes of one GPU, where that comes from): the job's nodeSelector on nvidia.com/gpu.memory (MiB)
-    names the GPUs it can run on; otherwise ``default`` (the operator's --gpu-memory)."""
-    label = job.spec.resources.node_selector.get(GPU_MEMORY_LABEL)
+@dataclass(frozen=True)
+class GpuNode:
+    """What the operator keeps of a Node (its kopf index): the name and labels, to match a job's
+    nodeSelector, and the memory of one of its GPUs, None when nvidia.com/gpu.memory is not a size."""
+
+    name: str
+    labels: Mapping[str, str]
+    gpu_memory: int | None
+
+    @classmethod
+    def of(cls, name: str, labels: Mapping[str, str]) -> GpuNode:
+        try:
+            memory: int | None = parse_memory(labels.get(GPU_MEMORY_LABEL, ""))
+        except ValueError:
+            memory = None
+        return cls(name, dict(labels), memory)
+
+
+def _in_mib(label: str) -> str:
+    """A label's size as written, with the MiB a bare number means (as nvidia.com/gpu.memory)."""
+    return f"{label} MiB" if label.replace(".", "", 1).isdigit() else label
+
+
+def gpu_memory_for(job: Any, default: int | None, nodes: Iterable[GpuNode] = ()) -> tuple[int | None, str]:
+    """(bytes of one GPU, where that comes from), the first known of: the job's nodeSelector on
+    nvidia.com/gpu.memory (MiB), which names the GPUs it can run on; the smallest label among the
+    ``nodes`` that match all of its nodeSelector, since the scheduler may place a rank on any of them;
+    ``default`` (the operator's --gpu-memory)."""
+    selector = job.spec.resources.node_selector
+    label = selector.get(GPU_MEMORY_LABEL)
     if label is not None:
         try:
-            return parse_memory(label), f"spec.resources.nodeSelector[{GPU_MEMORY_LABEL}] {label} MiB"
+            return parse_memory(label), f"spec.resources.nodeSelector[{GPU_MEMORY_LABEL}] {_in_mib(label)}"
         except ValueError:
-            pass  # not a size: the default, below
+            pass  # not a size: no node matches it with a size either, so the default, below
+    matching = [n for n in nodes if n.gpu_memory is not None and selector.items() <= n.labels.items()]
+    if matching:
+        smallest = min(matching, key=lambda n: (n.gpu_memory or 0, n.name))
+        which = (
+            "the only matching node"
+            if len(matching) == 1
+            else f"the smallest of the {len(matching)} matching nodes"
+        )
+        size = _in_mib(smallest.labels[GPU_MEMORY_LABEL])
+        return smallest.gpu_memory, f"{GPU_MEMORY_LABEL} {size} on node {smallest.name}, {which}"
     if default is None:
         return None, "no GPU memory configured"
     return default, f"{gib(default)}, the configured GPU memory"

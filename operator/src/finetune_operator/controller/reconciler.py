@@ -21,6 +21,7 @@ from typing import Any
 
 from finetune_trainer.summary import parse_termination_message
 
+from finetune_operator.api.memory_fit import GpuNode
 from finetune_operator.api.spec import FinetuneJob, FinetuneJobStatus
 from finetune_operator.api.timestamps import parse_time
 from finetune_operator.api.validation import validate_object
@@ -88,7 +89,8 @@ class Reconciler:
         self._parsed[key] = (generation, job, reasons)
         return job, reasons
 
-    def observe(self, body: Mapping[str, Any]) -> JobObservation:
+    def observe(self, body: Mapping[str, Any], nodes: Iterable[GpuNode] = ()) -> JobObservation:
+        """The job as ``decide`` takes it; ``nodes`` are the GPU nodes the operator's index holds now."""
         metadata = body.get("metadata", {})
         key = (metadata["namespace"], metadata["name"])
         job, reasons = self._parse(key, body)
@@ -103,14 +105,20 @@ class Reconciler:
             status=status,
             previous_pass_failed=key in self._failing,
             gpu_memory=self.gpu_memory,
+            gpu_nodes=tuple(nodes),
         )
 
     async def reconcile(
-        self, body: Mapping[str, Any], pods: Iterable[PodObservation], now: datetime | None = None
+        self,
+        body: Mapping[str, Any],
+        pods: Iterable[PodObservation],
+        now: datetime | None = None,
+        nodes: Iterable[GpuNode] = (),
     ) -> float | None:
-        """One pass for one job; returns the seconds after which to look again without a new event."""
+        """One pass for one job; returns the seconds after which to look again without a new event.
+        ``nodes``: the GPU nodes (kopf's index, so no API call per pass), for the MemoryFit check."""
         now = now or datetime.now(UTC)
-        observed = self.observe(body)
+        observed = self.observe(body, nodes)
         key = (observed.namespace, observed.name)
         # Workers are the pods the job controls: a pod with only its labels is another's, or anyone's.
         pods = owned_by(pods, str(body.get("metadata", {}).get("uid") or ""))

@@ -19,7 +19,7 @@ from finetune_trainer.config import PROGRESS_PORT
 from prometheus_client import start_http_server
 
 from finetune_operator.api.memory_fit import parse_memory
-from finetune_operator.controller.handlers import OperatorContext, post_event, registry
+from finetune_operator.controller.handlers import OperatorContext, build_registry, post_event
 from finetune_operator.controller.kube import KubeApi, load_api_client
 from finetune_operator.controller.manifests import (
     DEFAULT_RENDEZVOUS_PORT,
@@ -45,6 +45,14 @@ def _gpu_memory(text: str) -> int | None:
         return parse_memory(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _boolean(text: str) -> bool:
+    """true or false, as the chart writes a boolean into the environment; anything else fails at startup."""
+    word = text.strip().lower()
+    if word not in ("true", "false"):
+        raise ValueError(f"{text!r}: expected true or false")
+    return word == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("FINETUNE_GPU_MEMORY", ""),
         metavar="SIZE",
         help="memory of one GPU (80GiB, 81559MiB) for the MemoryFit check of jobs that declare their model's "
-        "shape; a job's nodeSelector on nvidia.com/gpu.memory overrides it. Default: unknown (no check)",
+        "shape; a job's nodeSelector on nvidia.com/gpu.memory, or the nodes it matches, override it. "
+        "Default: unknown (no check)",
+    )
+    parser.add_argument(
+        "--gpu-memory-from-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=_boolean(env("FINETUNE_GPU_MEMORY_FROM_NODES", "true")),
+        help="read the GPU memory of the nodes a job's nodeSelector matches from their nvidia.com/gpu.memory "
+        "labels (the smallest); needs list and watch on nodes cluster-wide (env "
+        "FINETUNE_GPU_MEMORY_FROM_NODES). Default: on",
     )
     parser.add_argument("--log-format", choices=["json", "plain"], default=env("FINETUNE_LOG_FORMAT", "json"))
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -155,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
+    registry = build_registry(gpu_memory_from_nodes=args.gpu_memory_from_nodes)
     # In-cluster service account or kubeconfig, as the kubernetes client finds them.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     metrics = OperatorMetrics()

@@ -9,6 +9,7 @@ are: the decision is complete, status included.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from finetune_trainer.summary import (
 )
 
 from finetune_operator.api.memory_fit import (
+    GpuNode,
     ModelConfigError,
     Plan,
     check_fit,
@@ -65,8 +67,10 @@ class JobObservation:
     # The reconciler's previous pass failed on an API call (its ReconcileError is still current).
     previous_pass_failed: bool = False
     # The memory of one GPU in bytes (the operator's --gpu-memory), for the MemoryFit condition; a
-    # job's nodeSelector on nvidia.com/gpu.memory overrides it.
+    # job's nodeSelector on nvidia.com/gpu.memory overrides it, and so do the labels of the nodes it
+    # matches (the operator's index of Nodes with nvidia.com/gpu.memory; empty when it reads no nodes).
     gpu_memory: int | None = None
+    gpu_nodes: tuple[GpuNode, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,7 +332,7 @@ def _next_step(b: _Builder, pods: list[PodObservation]) -> Decision:
         b.condition("Suspended", False, "Resumed", "resumed from the newest complete checkpoint")
         b.decision.events.append(Event("Normal", "Resumed", "resuming from the newest complete checkpoint"))
 
-    fit = memory_fit(job, observed.gpu_memory)
+    fit = memory_fit(job, observed.gpu_memory, observed.gpu_nodes)
     if fit is not None:
         b.condition("MemoryFit", *fit)
         # Before any pod of the job ran (also after a resume: resources may change while suspended),
@@ -432,9 +436,12 @@ def _run_attempt(b: _Builder, job: FinetuneJob, attempt: int, current: list[PodO
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 
 
-def memory_fit(job: FinetuneJob, gpu_memory: int | None) -> tuple[bool | None, str, str] | None:
+def memory_fit(
+    job: FinetuneJob, gpu_memory: int | None, nodes: Iterable[GpuNode] = ()
+) -> tuple[bool | None, str, str] | None:
     """The MemoryFit condition (status, reason, message), or None for a job that declares no model shape
-    (annotation finetune.dev/model-config) or trains on CPUs: the estimate of api/memory_fit.py.
+    (annotation finetune.dev/model-config) or trains on CPUs: the estimate of api/memory_fit.py, against
+    the GPU memory ``gpu_memory_for`` finds (job's nodeSelector, matching nodes, then ``gpu_memory``).
 
     False only when the estimate is above 100 % of the GPU: then the job fails before a pod exists."""
     if job.spec.resources.gpus_per_node == 0:
@@ -445,13 +452,14 @@ def memory_fit(job: FinetuneJob, gpu_memory: int | None) -> tuple[bool | None, s
         return None, "InvalidModelShape", _shorten(str(error), MAX_ERROR_CHARS)
     if shape is None:
         return None
-    memory, origin = gpu_memory_for(job, gpu_memory)
+    memory, origin = gpu_memory_for(job, gpu_memory, nodes)
     if memory is None:
         return (
             None,
             "UnknownGPUMemory",
-            "no GPU memory known: set the operator's --gpu-memory (Helm gpuMemory) or a nodeSelector on "
-            "nvidia.com/gpu.memory",
+            "no GPU memory known: no node that matches the job's nodeSelector has the label "
+            "nvidia.com/gpu.memory (or the operator reads no nodes); set the operator's --gpu-memory "
+            "(Helm gpuMemory) or a nodeSelector on nvidia.com/gpu.memory",
         )
     report = check_fit(shape, Plan.from_job(job), memory)
     message = _shorten(f"{report.summary}; GPU memory: {origin}", MAX_ERROR_CHARS)
