@@ -11,7 +11,7 @@ import sys
 # the process's RSS fell by when they were freed.
 PROBE = """
 import sys, torch
-from finetune_trainer.host_memory import returning_freed_memory
+from finetune_trainer.host_memory import loop_mmap_threshold, returning_freed_memory
 
 def rss():
     with open("/proc/self/statm") as statm:
@@ -19,17 +19,22 @@ def rss():
 
 big = torch.ones(4 * 2**20)
 del big
-def churn():
-    blocks = [torch.ones(2**18) for _ in range(256)]
+def churn(elements):
+    blocks = [torch.ones(elements) for _ in range(2**26 // elements)]
     before = rss()
     del blocks[::2]
     return before - rss()
 
 if sys.argv[1] == "inside":
     with returning_freed_memory():
-        fell = churn()
+        fell = churn(2**18)
+elif sys.argv[1].startswith("loop-after-zero"):
+    # The training loop after setup: 4 MiB tensors (a gathered layer's size) freed there.
+    with returning_freed_memory(loop_mmap_threshold(int(sys.argv[1][-1]))):
+        pass
+    fell = churn(2**20)
 else:
-    fell = churn()
+    fell = churn(2**18)
 print(round(fell))
 """
 
@@ -42,3 +47,8 @@ def freed_mib(case: str) -> int:
 def test_freed_blocks_go_back_to_the_os_inside_and_stay_in_the_heap_outside() -> None:
     assert freed_mib("outside") < 16  # the heap keeps the holes
     assert freed_mib("inside") > 100  # 128 MiB freed, unmapped at once
+
+
+def test_zero3s_training_loop_maps_layer_sized_blocks_and_the_others_keep_the_heap() -> None:
+    assert freed_mib("loop-after-zero3") > 100  # ZeRO-3's per-step gathers: unmapped when freed
+    assert freed_mib("loop-after-zero2") < 16  # below ZeRO-3 the loop reuses the heap

@@ -1,4 +1,4 @@
-"""Host memory freed while loading, partitioning and saving a model goes back to the OS.
+"""Host memory freed while loading, partitioning, training and saving a model goes back to the OS.
 
 Those phases allocate and free whole layers (ZeRO-3 gathers each module to load it, DeepSpeed flattens
 and partitions, saving gathers again). glibc's malloc serves blocks under its mmap threshold from the
@@ -6,10 +6,10 @@ heap and keeps them when freed, and it raises that threshold (up to 32 MiB) afte
 rank keeps the high-water mark of those phases for the rest of the run: measured with 2 ZeRO-3 ranks, a
 rank held 680 MiB more after loading an 84 M-parameter fp32 model than before, for a 162 MiB partition
 (benchmarks/memory.py). Inside :func:`returning_freed_memory` blocks of 128 KiB and more are mapped on
-their own, so freeing them unmaps them; afterwards the threshold is 32 MiB again (the training loop's
-tensors come from the heap and are reused, not mapped and faulted in each step) and the heap is trimmed.
-Python and torch expose no allocator control; glibc's ``mallopt``/``malloc_trim`` through ctypes is the
-interface. Elsewhere than glibc (musl, macOS) it does nothing.
+their own, so freeing them unmaps them; afterwards the heap is trimmed and the training loop gets its
+own threshold (:func:`loop_mmap_threshold`). Python and torch expose no allocator control; glibc's
+``mallopt``/``malloc_trim`` through ctypes is the interface. Elsewhere than glibc (musl, macOS) it
+does nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ logger = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 PHASE_MMAP_THRESHOLD = 128 * 1024
 LOOP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest dynamic threshold on 64-bit
+ZERO3_LOOP_MMAP_THRESHOLD = 2 * 1024 * 1024
+
+
+def loop_mmap_threshold(zero_stage: int) -> int:
+    """The training loop's mmap threshold. Below ZeRO-3 the loop's tensors come from the heap and are
+    reused, not mapped and faulted in each step. ZeRO-3 on the CPU gathers every layer's weights (and,
+    training them, their gradients) afresh each step, in sizes that fragment the heap: with 2 gloo
+    ranks, a 1.24 GiB fp32 Llama and LoRA, the ranks' heaps held 1-1.9 GB of freed blocks, and mapping
+    blocks of 2 MiB and more on their own took the run's summed peak from 6.02 to 3.08 GiB
+    (docs/PERFORMANCE.md). The smaller tensors (activations, LoRA's) stay on the heap."""
+    return ZERO3_LOOP_MMAP_THRESHOLD if zero_stage == 3 else LOOP_MMAP_THRESHOLD
 
 
 @cache
@@ -41,8 +52,9 @@ def _glibc() -> Any | None:
 
 
 @contextmanager
-def returning_freed_memory() -> Iterator[None]:
-    """Large blocks freed inside go back to the OS at once; the heap is trimmed on the way out."""
+def returning_freed_memory(loop_threshold: int = LOOP_MMAP_THRESHOLD) -> Iterator[None]:
+    """Large blocks freed inside go back to the OS at once; on the way out the heap is trimmed and the
+    mmap threshold set to ``loop_threshold`` for what follows."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, PHASE_MMAP_THRESHOLD)
@@ -50,5 +62,5 @@ def returning_freed_memory() -> Iterator[None]:
         yield
     finally:
         if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, LOOP_MMAP_THRESHOLD)
+            libc.mallopt(M_MMAP_THRESHOLD, loop_threshold)
             libc.malloc_trim(0)

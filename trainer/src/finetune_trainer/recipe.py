@@ -40,7 +40,7 @@ from finetune_trainer.evaluation import Generation, LabelSet, evaluate
 from finetune_trainer.example_store import ExampleStore, prepare_dataset, wait_for_dataset
 from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
-from finetune_trainer.host_memory import returning_freed_memory
+from finetune_trainer.host_memory import loop_mmap_threshold, returning_freed_memory
 from finetune_trainer.modeling import load_model, load_tokenizer, model_hidden_size
 from finetune_trainer.outputs import LOG_UPLOAD_SECONDS, gate_failure, upload_log, write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer, TrainingTime
@@ -118,6 +118,7 @@ class FinetuneRecipe:
     labels: LabelSet | None
     plan: Plan
     engine: Any
+    loop_mmap_threshold: int  # glibc's, for the training loop and what follows (host_memory.py)
     checkpointer: Checkpointer
     log_every: int
 
@@ -163,7 +164,8 @@ class FinetuneRecipe:
         # (HfDeepSpeedConfig) and the engine partitions by it. Judged before a large model is loaded.
         ds_config = build_deepspeed_config(config, ranks.world_size, model_hidden_size(inputs.model_dir))
         check_with_deepspeed(ds_config, ranks.world_size)
-        with returning_freed_memory():
+        self.loop_mmap_threshold = loop_mmap_threshold(ds_config["zero_optimization"].get("stage", 0))
+        with returning_freed_memory(self.loop_mmap_threshold):
             model = load_model(inputs.model_dir, config, inputs.adapter_dir, ds_config)
             fault_point("engine")
             self.engine = build_engine(config, model, self.plan, ranks, ds_config)
@@ -476,7 +478,7 @@ class FinetuneRecipe:
         reason EvalGateNotMet, non-retryable: a restart would train the same model again. Every rank
         decides alike, from the same all-reduced metrics."""
         rejection = gate_failure(self.config.evaluation.gate, final_metrics)
-        with returning_freed_memory():
+        with returning_freed_memory(self.loop_mmap_threshold):
             model_uri = write_outputs(
                 self.config,
                 self.store,

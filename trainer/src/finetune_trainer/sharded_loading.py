@@ -14,8 +14,8 @@ given buffer: ``safe_open`` maps the file and slices by rows, not by flat elemen
 
 Only a checkpoint that matches the model exactly takes this path: safetensors files, a model class
 transformers knows for the config, every parameter and persistent buffer present under its name with
-its shape. Anything else (weight-name conversions, ``.bin`` files, remote code, quantisation) is
-loaded by from_pretrained; :func:`load_partitioned` returns None and logs why.
+its shape. Anything else (weight-name conversions, ``.bin`` files, a model with its own code,
+quantisation) is loaded by from_pretrained; :func:`load_partitioned` returns None and logs why.
 """
 
 from __future__ import annotations
@@ -176,6 +176,8 @@ def _build_partitioned(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
     """The model as from_pretrained builds it under ZeRO-3, before any weight is read: deepspeed.zero.Init
     partitions each parameter as its module is created, weights neither initialised nor read."""
     config = AutoConfig.from_pretrained(model_dir)
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        raise UnsupportedCheckpoint("the model ships its own modelling code (auto_map in config.json)")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if model_class is None:
         raise UnsupportedCheckpoint(f"transformers has no causal-LM class for model type {config.model_type}")
