@@ -61,6 +61,7 @@ from finetune_trainer.training_support import (
     make_plan,
     micro_batches,
     optimizer_step,
+    release_optimizer_states,
     reseed,
 )
 from finetune_trainer.worker_env import DEFAULT_WORKSPACE, FINETUNE_WORKSPACE
@@ -479,6 +480,7 @@ class FinetuneRecipe:
         decides alike, from the same all-reduced metrics."""
         rejection = gate_failure(self.config.evaluation.gate, final_metrics)
         with returning_freed_memory(self.loop_mmap_threshold):
+            release_optimizer_states(self.engine)
             model_uri = write_outputs(
                 self.config,
                 self.store,
