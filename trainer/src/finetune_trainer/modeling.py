@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from finetune_trainer.config import ADAPTER_METHODS, TrainerConfig
 from finetune_trainer.errors import NonRetryableError
-from finetune_trainer.sharded_loading import load_partitioned
+from finetune_trainer.sharded_loading import SAFETENSORS_INDEX, load_partitioned
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 

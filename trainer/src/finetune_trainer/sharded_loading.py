@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils.generic import ContextManagers
@@ -66,10 +66,6 @@ class StoredTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # of its first byte, from the start of the file
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
@@ -148,17 +144,22 @@ def _persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in model.state_dict().items() if name not in parameters}
 
 
-def _matched(model: PreTrainedModel, stored: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+def _matched(
+    prefix: str,
+    parameters: dict[str, torch.nn.Parameter],
+    buffers: dict[str, torch.Tensor],
+    stored: dict[str, StoredTensor],
+) -> dict[str, StoredTensor]:
     """The stored tensor of every parameter and persistent buffer, by the model's names (a checkpoint
-    saved without the base model's prefix is matched with it, as from_pretrained does)."""
-    for name, parameter in model.named_parameters():
+    saved without the base model's ``prefix`` is matched with it, as from_pretrained does)."""
+    for name, parameter in parameters.items():
         if not hasattr(parameter, "ds_tensor"):
             raise UnsupportedCheckpoint(f"{name} was not partitioned by deepspeed.zero.Init")
         if getattr(parameter, "ds_secondary_tensor", None) is not None:
             raise UnsupportedCheckpoint("hierarchical partitions (zero_hpz_partition_size) are not read here")
-    wanted = {name: tuple(p.ds_shape) for name, p in model.named_parameters()}
-    wanted |= {name: tuple(b.shape) for name, b in _persistent_buffers(model).items()}
-    prefix = f"{model.base_model_prefix}."
+    wanted = {name: tuple(p.ds_shape) for name, p in parameters.items()}
+    wanted |= {name: tuple(b.shape) for name, b in buffers.items()}
+    prefix = f"{prefix}."
     by_name = {(prefix + k if k not in wanted and prefix + k in wanted else k): v for k, v in stored.items()}
     problems = [f"{name} is not in the checkpoint" for name in wanted if name not in by_name]
     problems += [
@@ -196,12 +197,12 @@ def load_partitioned(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel | N
     try:
         stored = checkpoint_tensors(model_dir)
         model = _build_partitioned(model_dir, dtype)
-        matched = _matched(model, stored)
+        parameters = dict(model.named_parameters())
+        buffers = _persistent_buffers(model)
+        matched = _matched(model.base_model_prefix, parameters, buffers, stored)
     except (UnsupportedCheckpoint, ValueError, KeyError, OSError) as reason:
         logger.info("loading through from_pretrained, not partition by partition: %s", reason)
         return None
-    parameters = dict(model.named_parameters())
-    buffers = _persistent_buffers(model)
     with RangeReader() as reader, torch.no_grad():
         for name, parameter in parameters.items():
             _read_partition(reader, matched[name], parameter)
@@ -217,8 +218,6 @@ def load_partitioned(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel | N
 def _read_partition(reader: RangeReader, stored: StoredTensor, parameter: Any) -> None:
     """This rank's slice of the flattened tensor, as DeepSpeed partitions it: equal slices of
     ``ds_tensor.numel()`` elements in rank order, the last one zero-padded."""
-    import deepspeed.comm as dist
-
     partition = parameter.ds_tensor
     start = partition.numel() * dist.get_rank(group=parameter.ds_process_group)
     count = max(0, min(partition.numel(), parameter.ds_numel - start))
