@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import urllib.request
@@ -199,3 +200,15 @@ def test_help_lists_the_settings() -> None:
     assert result.returncode == 0
     for flag in ("--namespace", "--all-namespaces", "--default-image", "--peering", "--liveness-port"):
         assert flag in result.stdout
+
+
+def test_a_bad_boolean_in_the_environment_is_a_usage_error_naming_it() -> None:
+    result = subprocess.run(
+        [OPERATOR, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FINETUNE_GPU_MEMORY_FROM_NODES": "yes please"},
+    )
+    assert result.returncode == 2
+    assert "FINETUNE_GPU_MEMORY_FROM_NODES='yes please': expected true or false" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -47,11 +47,13 @@ def _gpu_memory(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _boolean(text: str) -> bool:
-    """true or false, as the chart writes a boolean into the environment; anything else fails at startup."""
+def _boolean(parser: argparse.ArgumentParser, variable: str, default: str) -> bool:
+    """The environment variable as the chart writes a boolean, true or false; anything else ends the
+    operator at startup with argparse's usage error naming the variable."""
+    text = os.environ.get(variable, default)
     word = text.strip().lower()
     if word not in ("true", "false"):
-        raise ValueError(f"{text!r}: expected true or false")
+        parser.error(f"{variable}={text!r}: expected true or false")
     return word == "true"
 
 
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu-memory-from-nodes",
         action=argparse.BooleanOptionalAction,
-        default=_boolean(env("FINETUNE_GPU_MEMORY_FROM_NODES", "true")),
+        default=_boolean(parser, "FINETUNE_GPU_MEMORY_FROM_NODES", "true"),
         help="read the GPU memory of the nodes a job's nodeSelector matches from their nvidia.com/gpu.memory "
         "labels (the smallest); needs list and watch on nodes cluster-wide (env "
         "FINETUNE_GPU_MEMORY_FROM_NODES). Default: on",
