@@ -47,13 +47,12 @@ def _gpu_memory(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _boolean(parser: argparse.ArgumentParser, variable: str, default: str) -> bool:
-    """The environment variable as the chart writes a boolean, true or false; anything else ends the
-    operator at startup with argparse's usage error naming the variable."""
-    text = os.environ.get(variable, default)
+def _boolean(text: str) -> bool:
+    """true or false, as the chart writes a boolean into the environment; anything else is argparse's
+    usage error at startup (it converts a string default with ``type``, as for --gpu-memory)."""
     word = text.strip().lower()
     if word not in ("true", "false"):
-        parser.error(f"{variable}={text!r}: expected true or false")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
     return word == "true"
 
 
@@ -134,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu-memory-from-nodes",
         action=argparse.BooleanOptionalAction,
-        default=_boolean(parser, "FINETUNE_GPU_MEMORY_FROM_NODES", "true"),
+        default=env("FINETUNE_GPU_MEMORY_FROM_NODES", "true"),
+        type=_boolean,
         help="read the GPU memory of the nodes a job's nodeSelector matches from their nvidia.com/gpu.memory "
         "labels (the smallest); needs list and watch on nodes cluster-wide (env "
         "FINETUNE_GPU_MEMORY_FROM_NODES). Default: on",
