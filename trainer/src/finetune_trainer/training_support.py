@@ -28,6 +28,7 @@ from finetune_trainer.deepspeed_config import build_deepspeed_config, check_with
 from finetune_trainer.errors import NonRetryableError
 from finetune_trainer.storage import AccessDeniedError, ObjectNotFoundError
 from finetune_trainer.worker_env import DEEPSPEED_TIMEOUT, DEFAULT_PROCESS_GROUP_TIMEOUT_MINUTES
+from finetune_trainer.zero3_master_weights import master_weights_shared_when_same_dtype
 
 # What no restart fixes: the trainer exits with the reserved code for these.
 NonRetryableFailures = (NonRetryableError, data.DataError, ObjectNotFoundError, AccessDeniedError)
@@ -138,13 +139,14 @@ def build_engine(
             trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True
         )
     multiplier = lr_multiplier(config, plan.total_steps)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        optimizer=optimizer,
-        lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, multiplier),
-        config=ds_config,
-    )
+    with master_weights_shared_when_same_dtype():
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=trainable,
+            optimizer=optimizer,
+            lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, multiplier),
+            config=ds_config,
+        )
     return engine
 
 
