@@ -1,7 +1,7 @@
 """ZeRO-3's master weights are the rank's partition itself when that already is fp32
 (``finetune_trainer.zero3_master_weights``): DeepSpeed as it is clones it, a second fp32 copy per rank.
-Sharing changes nothing of the training (the same weights after 3 steps, bit for bit, on 2 gloo ranks),
-and bf16 partitions still get their fp32 master copy."""
+Sharing changes nothing of the training (the same weights after 3 steps, bit for bit, on 2 gloo ranks,
+also when the third step resumes from a checkpoint), and bf16 partitions still get their fp32 master copy."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def test_fp32_partitions_are_their_own_master_weights_and_train_the_same(tmp_pat
     assert shared["aliased"] == [True] * len(plain["aliased"])
     assert shared["distinct_master_bytes"] == 0
     assert shared["losses"] == plain["losses"]
-    assert report["same_weights"]
+    assert report["resumed"]["aliased"] == shared["aliased"]
+    assert report["resumed"]["losses"] == plain["losses"][2:]  # the checkpoint restored the third step
+    assert report["same_weights"] == {"plain": True, "shared": True, "resumed": True}
 
 
 @pytest.mark.system
@@ -45,4 +47,4 @@ def test_bf16_partitions_keep_an_fp32_master_copy(tmp_path: Path) -> None:
     assert not any(report["shared"]["aliased"])
     assert report["shared"]["distinct_master_bytes"] == report["plain"]["distinct_master_bytes"] > 0
     assert report["shared"]["losses"] == report["plain"]["losses"]
-    assert report["same_weights"]
+    assert report["same_weights"] == {"plain": True, "shared": True, "resumed": True}
