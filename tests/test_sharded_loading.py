@@ -6,10 +6,7 @@ saves (a LoRA adapter, full weights) still loads with from_pretrained."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +23,15 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tests.s3faults import fault_proxy
 from tests.s3server import S3Server, s3_server
-from tests.trainer_runs import Run, put_jsonl, run_trainer, s3_client, trainer_config, upload_tree
+from tests.trainer_runs import (
+    Run,
+    put_jsonl,
+    run_ranks,
+    run_trainer,
+    s3_client,
+    trainer_config,
+    upload_tree,
+)
 
 BUCKET = "finetune"
 HIDDEN = 256
@@ -229,15 +234,7 @@ def test_each_rank_reads_its_partitions_and_together_they_are_the_checkpoint(tmp
     out = tmp_path / "out"
     out.mkdir()
     cases = [f"plain={plain}", f"tied={tied}", f"renamed={renamed}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
-    result = subprocess.run(
-        [*command, "-m", "tests.sharded_load_ranks", str(out), "fp32", *cases],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])},
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    output = run_ranks("tests.sharded_load_ranks", [str(out), "fp32", *cases], processes=3)
     for name, model_dir in (("plain", plain), ("tied", tied)):
         report = json.loads((out / f"{name}.json").read_text())
         assert report["loaded"] and not report["training"], report
@@ -260,4 +257,4 @@ def test_each_rank_reads_its_partitions_and_together_they_are_the_checkpoint(tmp
     assert not json.loads((out / "plain.json").read_text())["tied"]
     # A checkpoint that does not match the model is left to from_pretrained, with the reason logged.
     assert json.loads((out / "renamed.json").read_text())["loaded"] is False
-    assert "model.norm.weight is not in the checkpoint" in result.stdout + result.stderr
+    assert "model.norm.weight is not in the checkpoint" in output

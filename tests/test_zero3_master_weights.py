@@ -6,24 +6,15 @@ also when the third step resumes from a checkpoint), and bf16 partitions still g
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.trainer_runs import run_ranks
+
 
 def _ranks(out: Path, precision: str) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run(
-        [*command, "-m", "tests.zero3_master_ranks", str(out), precision],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])},
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    run_ranks("tests.zero3_master_ranks", [str(out), precision], processes=2)
     return json.loads((out / f"{precision}.json").read_text())
 
 

@@ -148,3 +148,20 @@ def finish_trainer(
         raise AssertionError(message) from None
     text = termination.read_text() if termination.exists() else None
     return Run(code, parse_termination_message(text), (workdir / "trainer.log").read_text())
+
+
+def run_ranks(module: str, args: list[str], processes: int, timeout: float = 240) -> str:
+    """Runs ``python -m module args`` as ``processes`` gloo ranks under torchrun (``--standalone``: a
+    free port of its own), one thread each; returns the ranks' output, and fails the test with it when
+    one fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    result = subprocess.run(
+        [*command, str(processes), "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
