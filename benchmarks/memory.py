@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
+    parser.add_argument(
+        "--deepspeed-config",
+        type=json.loads,
+        default={},
+        help="JSON for spec.deepspeed.config, to measure a setting: "
+        '\'{"zero_optimization": {"stage3_max_live_parameters": 0}}\'',
+    )
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--work", type=Path, default=None, help="keep the store here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -83,7 +90,7 @@ def manifest(model: str, method: str, args: argparse.Namespace) -> dict[str, Any
                 "batchSizePerDevice": 1,
                 "precision": args.precision,
             },
-            "deepspeed": {"zeroStage": args.zero},
+            "deepspeed": {"zeroStage": args.zero, "config": args.deepspeed_config},
             "resources": {"nodes": 2, "gpusPerNode": 0},
             "output": {"uri": f"s3://outputs/memory-{method}/", "checkpointEverySteps": 10**6},
         },

@@ -6,12 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+from finetune_trainer.host_memory import trims_heap_each_pass
+
 # After a 16 MiB tensor is freed, glibc's dynamic mmap threshold is 16 MiB: 1 MiB tensors come from the
 # heap. Every other one of 256 is freed, leaving holes the heap cannot shrink around. Prints the MiB
 # the process's RSS fell by when they were freed.
 PROBE = """
 import sys, torch
-from finetune_trainer.host_memory import loop_mmap_threshold, returning_freed_memory
+from finetune_trainer.host_memory import loop_mmap_threshold, returning_freed_memory, trim_heap
 
 def rss():
     with open("/proc/self/statm") as statm:
@@ -33,6 +36,12 @@ elif sys.argv[1].startswith("loop-after-zero"):
     with returning_freed_memory(loop_mmap_threshold(int(sys.argv[1][-1]))):
         pass
     fell = churn(2**20)
+elif sys.argv[1] == "trimmed":
+    # The holes the heap keeps, given back by trim_heap (as the ZeRO-3 CPU loop does each pass).
+    fell = churn(2**18)
+    before = rss()
+    trim_heap()
+    fell += before - rss()
 else:
     fell = churn(2**18)
 print(round(fell))
@@ -52,3 +61,15 @@ def test_freed_blocks_go_back_to_the_os_inside_and_stay_in_the_heap_outside() ->
 def test_zero3s_training_loop_maps_layer_sized_blocks_and_the_others_keep_the_heap() -> None:
     assert freed_mib("loop-after-zero3") > 100  # ZeRO-3's per-step gathers: unmapped when freed
     assert freed_mib("loop-after-zero2") < 16  # below ZeRO-3 the loop reuses the heap
+
+
+def test_trimming_gives_the_heaps_holes_back() -> None:
+    assert freed_mib("trimmed") > 100  # the 128 MiB of holes "outside" keeps
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "device", "trims"),
+    [(3, "cpu", True), (3, "cuda", False), (2, "cpu", False), (0, "cpu", False)],
+)
+def test_only_zero3_on_cpu_ranks_trims_each_pass(zero_stage: int, device: str, trims: bool) -> None:
+    assert trims_heap_each_pass(zero_stage, device) is trims

@@ -177,8 +177,12 @@ def test_zero3_buffers_follow_the_hidden_size_and_overrides_win() -> None:
     server = "http://127.0.0.1:1"
     config = trainer_config(server, deepspeed={"zeroStage": 3})
     zero = build_deepspeed_config(config, 2, hidden_size=1024)["zero_optimization"]
-    assert {k: zero[k] for k in zero3_buffer_sizes(1024)} == zero3_buffer_sizes(1024)
+    assert not config.distributed.uses_gpus
+    assert {k: zero[k] for k in zero3_buffer_sizes(1024, False)} == zero3_buffer_sizes(1024, False)
     assert zero["reduce_bucket_size"] == 1024 * 1024
+    # Gathered weights are host memory on CPU ranks: fewer of them live at once than on GPUs.
+    assert zero["stage3_max_live_parameters"] == 4 * 1024 * 1024
+    assert zero3_buffer_sizes(1024, True)["stage3_max_live_parameters"] == 16 * 1024 * 1024
     assert "reduce_bucket_size" not in build_deepspeed_config(config, 2)["zero_optimization"]
     assert build_deepspeed_config(config, 2, 1024) == build_deepspeed_config(config, 2, 1024)
     stage2 = trainer_config(server, deepspeed={"zeroStage": 2})

@@ -40,7 +40,7 @@ from finetune_trainer.evaluation import Generation, LabelSet, evaluate
 from finetune_trainer.example_store import ExampleStore, prepare_dataset, wait_for_dataset
 from finetune_trainer.fault_injection import fault_point, poison
 from finetune_trainer.gang import Gang
-from finetune_trainer.host_memory import loop_mmap_threshold, returning_freed_memory
+from finetune_trainer.host_memory import loop_mmap_threshold, returning_freed_memory, trims_heap_each_pass
 from finetune_trainer.modeling import load_model, load_tokenizer, model_hidden_size
 from finetune_trainer.outputs import LOG_UPLOAD_SECONDS, gate_failure, upload_log, write_outputs
 from finetune_trainer.reporting import History, Progress, ProgressServer, TrainingTime
@@ -120,6 +120,7 @@ class FinetuneRecipe:
     plan: Plan
     engine: Any
     loop_mmap_threshold: int  # glibc's, for the training loop and what follows (host_memory.py)
+    trims_heap: bool  # the training loop trims the heap at each pass (host_memory.py)
     checkpointer: Checkpointer
     log_every: int
 
@@ -165,7 +166,9 @@ class FinetuneRecipe:
         # (HfDeepSpeedConfig) and the engine partitions by it. Judged before a large model is loaded.
         ds_config = build_deepspeed_config(config, ranks.world_size, model_hidden_size(inputs.model_dir))
         check_with_deepspeed(ds_config, ranks.world_size)
-        self.loop_mmap_threshold = loop_mmap_threshold(ds_config["zero_optimization"].get("stage", 0))
+        zero_stage = ds_config["zero_optimization"].get("stage", 0)
+        self.loop_mmap_threshold = loop_mmap_threshold(zero_stage)
+        self.trims_heap = trims_heap_each_pass(zero_stage, ranks.device.type)
         with returning_freed_memory(self.loop_mmap_threshold):
             model = load_model(inputs.model_dir, config, inputs.adapter_dir, ds_config)
             fault_point("engine")
@@ -296,7 +299,13 @@ class FinetuneRecipe:
             if fault_point("step", state.step):
                 poison(self.engine.module)
             optimizer_step(
-                self.engine, batches, self._collate, hp.gradient_accumulation_steps, loss_sum, tokens
+                self.engine,
+                batches,
+                self._collate,
+                hp.gradient_accumulation_steps,
+                loss_sum,
+                tokens,
+                trim_heap=self.trims_heap,
             )
             state.step += 1
             self.gang.beat()

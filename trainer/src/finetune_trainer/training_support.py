@@ -21,7 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from finetune_trainer import data
+from finetune_trainer import data, host_memory
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import Example
 from finetune_trainer.deepspeed_config import build_deepspeed_config, check_with_deepspeed
@@ -234,16 +234,22 @@ def optimizer_step(
     accumulation: int,
     loss_sum: torch.Tensor,
     tokens: torch.Tensor,
+    trim_heap: bool = False,
 ) -> None:
     """One optimizer step of ``accumulation`` micro-batches; sums loss and tokens on the device, so
-    nothing waits for the GPU here."""
+    nothing waits for the GPU here. With ``trim_heap`` the heap's free pages go back to the OS before
+    each backward and after each step (host_memory.trims_heap_each_pass says where that pays)."""
     device = loss_sum.device
     for _ in range(accumulation):
         host = collate(next(batches))
         batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
         loss = next_token_loss(engine, batch, host["labels"])
+        if trim_heap:
+            host_memory.trim_heap()
         engine.backward(loss)
         engine.step()
+        if trim_heap:
+            host_memory.trim_heap()
         loss_sum += loss.detach().double()
         tokens += batch["attention_mask"].sum()
 
