@@ -45,7 +45,7 @@ def trims_heap_each_pass(zero_stage: int, device_type: str) -> bool:
     step (:func:`trim_heap`). On CPU ranks under ZeRO-3 the loop's activations and gradients come
     from the heap between the mapped gathers and leave holes in it that glibc keeps resident: with 2
     gloo ranks, a 1.24 GiB fp32 Llama and LoRA, each rank's heap held about 120 MiB free, and trimming
-    there took the steady phase's summed peak from 3.17 to 3.03 GiB at no measurable cost in time
+    there took the steady phase's summed peak from 3.17 to 2.98-3.00 GiB at no measurable cost in time
     (docs/PERFORMANCE.md). On GPUs those tensors are GPU memory; below ZeRO-3 the heap is reused."""
     return zero_stage == 3 and device_type == "cpu"
 
